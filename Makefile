@@ -1,0 +1,51 @@
+# The two set-up commands of the README: `make demo` trains the offline demo, `make test` runs the suite.
+# Each creates the Python >= 3.12 virtual environment .venv when it is missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/demo
+# A persistent XLA compilation cache makes reruns of the demo and the tests much faster.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
+
+.PHONY: demo test lint format venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	@set -e; \
+	if [ ! -x $(PY) ]; then \
+	  py=""; \
+	  for c in python3.13 python3.12 python3; do \
+	    if command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py=$$c; break; fi; \
+	  done; \
+	  if [ -z "$$py" ] && command -v pyenv >/dev/null 2>&1; then \
+	    for v in $$(pyenv versions --bare | grep -E '^3\.1[2-9]' | sort -rV); do \
+	      if PYENV_VERSION=$$v python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py="env PYENV_VERSION=$$v python"; break; fi; \
+	    done; \
+	  fi; \
+	  if [ -z "$$py" ]; then echo "error: Python >= 3.12 not found (jax >= 0.11 needs it); install python3.12 and retry" >&2; exit 1; fi; \
+	  echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); \
+	fi; \
+	$(PY) -m pip install -q --upgrade pip; \
+	$(PY) -m pip install -q -r requirements.txt; \
+	touch $@
+
+demo: venv
+	$(PY) -m dim_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: venv
+	$(PY) -m ruff check dim_jax tests benchmarks configs
+	$(PY) -m ruff format --check dim_jax tests benchmarks configs
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check dim_jax tests benchmarks configs
+
+format: venv
+	$(PY) -m ruff format dim_jax tests benchmarks configs
+	$(PY) -m ruff check --fix dim_jax tests benchmarks configs
+
+clean:
+	rm -rf $(VENV) .jax_cache .pytest_cache .ruff_cache

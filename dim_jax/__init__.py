@@ -1,0 +1,1 @@
+"""DiM (Diffusion Mamba, arXiv 2405.14224) in JAX / Flax NNX."""
