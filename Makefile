@@ -17,19 +17,19 @@ $(VENV)/.installed: requirements.txt
 	@set -e; \
 	if [ ! -x $(PY) ]; then \
 	  py=""; \
-	  for c in python3.13 python3.12 python3; do \
+	  for c in python3.12 python3.13 python3; do \
 	    if command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py=$$c; break; fi; \
 	  done; \
 	  if [ -z "$$py" ] && command -v pyenv >/dev/null 2>&1; then \
-	    for v in $$(pyenv versions --bare | grep -E '^3\.1[2-9]' | sort -rV); do \
+	    for v in $$(pyenv versions --bare | grep -E '^3\.1[2-9]' | sort -V); do \
 	      if PYENV_VERSION=$$v python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py="env PYENV_VERSION=$$v python"; break; fi; \
 	    done; \
 	  fi; \
 	  if [ -z "$$py" ]; then echo "error: Python >= 3.12 not found (jax >= 0.11 needs it); install python3.12 and retry" >&2; exit 1; fi; \
 	  echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); \
 	fi; \
-	$(PY) -m pip install -q --upgrade pip; \
-	$(PY) -m pip install -q -r requirements.txt; \
+	set -o pipefail; \
+	$(PY) -m pip install -q -r requirements.txt 2>&1 | { grep -v "Location '.*' is ignored" || true; }; \
 	touch $@
 
 demo: venv

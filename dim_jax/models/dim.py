@@ -1,0 +1,274 @@
+"""The DiM backbone (Teng et al., arXiv 2405.14224), exactly as the official code builds it.
+
+Forward pass (reference notes §1.11), for x_t (B, H, W, C), t (B,), y (B,):
+
+  patch-2 conv embed -> + position embedding (bilinearly resized to any grid) -> DW-conv 3x3
+  -> pad each row / column end with 3 learnable tokens -> prepend [t_tok, y_tok, 3 separators]
+  -> depth blocks, each scanning in its own direction (`layout.scan_schedule`), U-ViT long skips
+     from encoder to decoder -> unpad -> DW-conv 3x3 -> modulated RMSNorm -> linear -> unpatchify.
+
+Conditioning enters twice: as the two prefix tokens and through adaLN-single (PixArt-α): one
+(B, 3D) vector shared by all blocks, added to each block's own learned 3 x D table, in the (1 + gate)
+form (no adaLN-Zero). The residual stream is kept in float32 (Mamba's residual_in_fp32).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dim_jax.models.layers import (
+  RMSNorm,
+  embedding_init,
+  linear,
+  timestep_embedding,
+  torch_default_bias_init,
+  torch_default_init,
+)
+from dim_jax.models.mamba import MambaMixer
+from dim_jax.ops import layout
+
+NUM_PREFIX = 2 + layout.NUM_PAD  # [t_tok, y_tok, sep_1, sep_2, sep_3]: never permuted
+ADALN_FREQ_DIM = 256  # sinusoid width fed to adaLN-single's timestep MLP (PixArt-α)
+
+
+def depthwise_conv3x3(dim: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+  """The paper's "lightweight local feature enhancement": a depth-wise 3x3 conv with bias."""
+  return nnx.Conv(
+    dim,
+    dim,
+    kernel_size=(3, 3),
+    padding="SAME",
+    feature_group_count=dim,
+    kernel_init=nnx.with_partitioning(torch_default_init, (None, None, None, "embed")),
+    bias_init=nnx.with_partitioning(torch_default_bias_init(9), ("embed",)),
+    dtype=dtype,
+    rngs=rngs,
+  )
+
+
+class AdaLNSingle(nnx.Module):
+  """(t, y) -> the (B, 3D) modulation shared by every block: Linear(SiLU(MLP(sin(t)) + Emb(y)))."""
+
+  def __init__(self, dim: int, num_classes: int, *, dtype, rngs: nnx.Rngs):
+    normal = embedding_init
+    self.time_in = linear(ADALN_FREQ_DIM, dim, axes=(None, "embed"), kernel_init=normal, rngs=rngs)
+    self.time_out = linear(dim, dim, axes=("embed", None), kernel_init=normal, rngs=rngs)
+    self.label = nnx.Embed(
+      num_classes + 1,
+      dim,
+      embedding_init=nnx.with_partitioning(normal, ("vocab", "embed")),
+      rngs=rngs,
+    )
+    self.proj = linear(dim, 3 * dim, axes=("embed", None), dtype=dtype, rngs=rngs)
+
+  def __call__(self, t: jax.Array, y: jax.Array) -> jax.Array:
+    emb = self.time_out(nnx.silu(self.time_in(timestep_embedding(t, ADALN_FREQ_DIM))))
+    emb = emb + self.label(y)  # (B, D)
+    return self.proj(nnx.silu(emb)).astype(jnp.float32)  # (B, 3D)
+
+
+class SkipFusion(nnx.Module):
+  """U-ViT long skip into a decoder block: Linear(h) + Linear(skip), or Linear(cat) for D <= 512."""
+
+  def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.concat = dim <= 512
+    if self.concat:
+      self.proj = linear(2 * dim, dim, axes=(None, "embed"), dtype=dtype, rngs=rngs)
+    else:
+      self.proj_h = linear(dim, dim, axes=("embed", None), dtype=dtype, rngs=rngs)
+      self.proj_skip = linear(dim, dim, axes=("embed", None), dtype=dtype, rngs=rngs)
+
+  def __call__(self, h: jax.Array, skip: jax.Array) -> jax.Array:
+    if self.concat:
+      out = self.proj(jnp.concatenate([h, skip], axis=-1))
+    else:
+      out = self.proj_h(h) + self.proj_skip(skip)
+    return out.astype(jnp.float32)
+
+
+class DiMBlock(nnx.Module):
+  """Pre-norm Mamba layer with adaLN-single: stream + (1 + gate) * Mamba(RMSNorm(stream)(1 + scale) + shift)."""
+
+  def __init__(
+    self,
+    dim: int,
+    *,
+    pattern: int,
+    is_decoder: bool,
+    num_layers: int,
+    mixer_kwargs: dict,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
+    self.pattern = pattern  # the scan direction of this layer (layout.PATTERNS)
+    self.skip_fusion = SkipFusion(dim, dtype=dtype, rngs=rngs) if is_decoder else None
+    self.norm = RMSNorm(dim, rngs=rngs)
+    self.mixer = MambaMixer(dim, num_layers=num_layers, dtype=dtype, rngs=rngs, **mixer_kwargs)
+    self.table = nnx.Param(
+      jax.random.normal(rngs.params(), (3, dim), jnp.float32) / dim**0.5, sharding=(None, "embed")
+    )
+    self.dtype = dtype
+
+  def __call__(self, stream: jax.Array, modulation: jax.Array) -> jax.Array:
+    """stream (B, L, D) float32 in this layer's scan order; modulation (B, 3, D) -> (B, L, D)."""
+    shift, scale, gate = jnp.unstack(self.table[...][None] + modulation, axis=1)  # (B, D) each
+    x = self.norm(stream) * (1 + scale[:, None]) + shift[:, None]
+    out = self.mixer(x.astype(self.dtype))
+    return stream + (1 + gate[:, None]) * out.astype(jnp.float32)
+
+
+class DiM(nnx.Module):
+  """Diffusion Mamba: (x_t (B, H, W, C), t (B,), y (B,) int) -> ε prediction (B, H, W, C)."""
+
+  def __init__(
+    self,
+    *,
+    in_channels: int,
+    input_size: int,
+    width: int,
+    depth: int,
+    num_classes: int,
+    patch_size: int = 2,
+    d_state: int = 16,
+    d_conv: int = 3,
+    expand: int = 2,
+    pad_layout: str = "lateral",
+    scan_directions: int = 4,
+    scan_impl: str = "associative",
+    remat: bool = False,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    if input_size % patch_size:
+      raise ValueError(
+        f"model.input_size={input_size} is not divisible by model.patch_size={patch_size}."
+      )
+    if d_conv != layout.NUM_PAD:
+      raise ValueError(f"model.d_conv={d_conv}: DiM's 3 padding tokens assume d_conv = 3.")
+    layout.scan_schedule(depth, scan_directions)  # validates depth and directions early
+    if pad_layout not in layout.PAD_LAYOUTS:
+      raise ValueError(f"model.pad_layout={pad_layout!r}: use one of {layout.PAD_LAYOUTS}.")
+    self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
+    self.num_classes = num_classes
+    self.pad_layout = pad_layout
+    self.remat = remat
+    self.dtype = dtype
+    self.grid_size = input_size // patch_size  # the grid the position table is stored at
+
+    self.patch_embed = nnx.Conv(
+      in_channels,
+      width,
+      kernel_size=(patch_size, patch_size),
+      strides=(patch_size, patch_size),
+      padding="VALID",
+      kernel_init=nnx.with_partitioning(torch_default_init, (None, None, None, "embed")),
+      bias_init=nnx.with_partitioning(
+        torch_default_bias_init(in_channels * patch_size**2), ("embed",)
+      ),
+      dtype=dtype,
+      rngs=rngs,
+    )
+    # (2 + N, D): entries for [t_tok, y_tok] then the patch grid in raster order; zero-init.
+    self.pos_embed = nnx.Param(
+      jnp.zeros((2 + self.grid_size**2, width), jnp.float32), sharding=(None, "embed")
+    )
+    self.label_embed = nnx.Embed(
+      num_classes + 1,
+      width,
+      embedding_init=nnx.with_partitioning(embedding_init, ("vocab", "embed")),
+      rngs=rngs,
+    )
+    self.adaln = AdaLNSingle(width, num_classes, dtype=dtype, rngs=rngs)
+    self.first_smoother = depthwise_conv3x3(width, dtype, rngs)
+    self.pad_tokens = nnx.Param(
+      0.02 * jax.random.normal(rngs.params(), (layout.NUM_PAD, width)), sharding=(None, "embed")
+    )
+    self.separators = nnx.Param(
+      0.02 * jax.random.normal(rngs.params(), (layout.NUM_PAD, width)), sharding=(None, "embed")
+    )
+    schedule = layout.scan_schedule(depth, scan_directions)
+    num_encoder = (depth - 1) // 2
+    mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, scan_impl=scan_impl)
+    self.blocks = nnx.List(
+      [
+        DiMBlock(
+          width,
+          pattern=schedule[i],
+          is_decoder=i > num_encoder,
+          num_layers=depth,
+          mixer_kwargs=mixer_kwargs,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for i in range(depth)
+      ]
+    )
+    self.num_encoder = num_encoder
+    self.last_smoother = depthwise_conv3x3(width, dtype, rngs)
+    self.final_norm = RMSNorm(width, rngs=rngs)
+    self.final_modulation = linear(width, 2 * width, axes=("embed", None), dtype=dtype, rngs=rngs)
+    self.final_proj = linear(
+      width, patch_size**2 * in_channels, axes=("embed", None), dtype=dtype, rngs=rngs
+    )
+
+  def position_embedding(self, h: int, w: int) -> jax.Array:
+    """(2 + h*w, D): the stored table, its grid part bilinearly resized when (h, w) differs."""
+    table = self.pos_embed[...]
+    g = self.grid_size
+    if (h, w) == (g, g):
+      return table
+    grid = table[2:].reshape(g, g, self.width)
+    # Half-pixel-centre bilinear (torch's align_corners=False), no anti-aliasing.
+    grid = jax.image.resize(grid, (h, w, self.width), "bilinear", antialias=False)
+    return jnp.concatenate([table[:2], grid.reshape(h * w, self.width)], axis=0)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    p = self.patch_size
+    if height % p or width % p or channels != self.in_channels:
+      raise ValueError(
+        f"input of shape {x.shape}: height and width must be divisible by model.patch_size={p} "
+        f"and channels must equal model.in_channels={self.in_channels}."
+      )
+    h, w = height // p, width // p
+    grid = layout.padded_grid(h, w)
+
+    # Tokens: [t_tok, y_tok] prefix and the patch grid, both with position embedding.
+    t_tok = timestep_embedding(t, self.width)  # (B, D)
+    y_tok = self.label_embed(y).astype(jnp.float32)  # (B, D)
+    pos = self.position_embedding(h, w)  # (2 + h*w, D)
+    cond = jnp.stack([t_tok, y_tok], axis=1) + pos[:2]  # (B, 2, D)
+    img = self.patch_embed(x.astype(self.dtype)).reshape(batch, h * w, self.width)
+    img = img.astype(jnp.float32) + pos[2:]
+    img = self.first_smoother(img.reshape(batch, h, w, self.width).astype(self.dtype))
+    img = layout.pad_tokens(
+      img.reshape(batch, h * w, self.width), self.pad_tokens[...], h, w, self.pad_layout
+    )
+    seps = jnp.broadcast_to(self.separators[...], (batch, layout.NUM_PAD, self.width))
+    stream = jnp.concatenate([cond, seps, img.astype(jnp.float32)], axis=1)  # (B, 5 + Hp*Wp, D)
+
+    modulation = self.adaln(t, y).reshape(batch, 3, self.width)
+    apply_block = (
+      nnx.remat(lambda blk, s, m: blk(s, m)) if self.remat else (lambda blk, s, m: blk(s, m))
+    )
+    skips, pattern = [], layout.RASTER
+    for i, block in enumerate(self.blocks):
+      if block.skip_fusion is not None:
+        stream = block.skip_fusion(stream, skips.pop())  # skip is already in this order
+      prefix, tokens = stream[:, :NUM_PREFIX], stream[:, NUM_PREFIX:]
+      tokens = layout.switch_pattern(tokens, pattern, block.pattern, grid)
+      stream, pattern = jnp.concatenate([prefix, tokens], axis=1), block.pattern
+      stream = apply_block(block, stream, modulation)
+      if 1 <= i <= self.num_encoder:
+        skips.append(stream)
+
+    # Back in raster order (the schedule ends with pattern 0): drop prefix and pads.
+    img = layout.unpad_tokens(stream[:, NUM_PREFIX:], h, w).reshape(batch, h, w, self.width)
+    img = self.last_smoother(img.astype(self.dtype)).astype(jnp.float32)
+    shift, scale = jnp.split(
+      self.final_modulation(nnx.silu(t_tok + y_tok)).astype(jnp.float32), 2, -1
+    )
+    img = self.final_norm(img) * (1 + scale[:, None, None]) + shift[:, None, None]
+    out = self.final_proj(img.astype(self.dtype)).astype(jnp.float32)  # (B, h, w, p*p*C)
+    out = out.reshape(batch, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(batch, height, width, channels)

@@ -1,0 +1,77 @@
+"""Small building blocks shared by the backbones: initialisers, embeddings, sharded layers.
+
+Initialisers follow what the official PyTorch code ends up with after its init passes
+(reference notes §1.10): PyTorch's default kaiming-uniform(a=√5) for Linear and Conv weights, i.e.
+U(±1/√fan_in); zero Linear biases; N(0, 0.02) embedding tables.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# U(±1/√fan_in): PyTorch's default Linear / Conv weight init (kaiming_uniform with a = √5).
+torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+embedding_init = nnx.initializers.normal(stddev=0.02)
+
+
+def uniform_init(bound: float):
+  """U(-bound, bound)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's default Conv bias init, U(±1/√fan_in)."""
+  return uniform_init(1.0 / math.sqrt(fan_in))
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding [cos, sin] of (B,) times -> (B, dim) float32 (U-ViT / DDPM form)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def linear(
+  din: int,
+  dout: int,
+  *,
+  axes: tuple[str | None, str | None],
+  rngs: nnx.Rngs,
+  use_bias: bool = True,
+  kernel_init=torch_default_init,
+  dtype=None,
+) -> nnx.Linear:
+  """nnx.Linear with PyTorch-default init, zero bias and logical sharding axes on the kernel."""
+  return nnx.Linear(
+    din,
+    dout,
+    use_bias=use_bias,
+    kernel_init=nnx.with_partitioning(kernel_init, axes),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+    dtype=dtype,
+    rngs=rngs,
+  )
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learnable weight (init 1), computed in float32 (Mamba's triton RMSNorm)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), sharding=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    rms = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return x * rms * self.weight[...]
