@@ -8,8 +8,8 @@ Forward pass (reference notes §1.11), for x_t (B, H, W, C), t (B,), y (B,):
      from encoder to decoder -> unpad -> DW-conv 3x3 -> modulated RMSNorm -> linear -> unpatchify.
 
 Conditioning enters twice: as the two prefix tokens and through adaLN-single (PixArt-α): one
-(B, 3D) vector shared by all blocks, added to each block's own learned 3 x D table, in the (1 + gate)
-form (no adaLN-Zero). The residual stream is kept in float32 (Mamba's residual_in_fp32).
+(B, 3D) vector shared by all blocks, added to each block's own learned 3 x D table, in the
+(1 + gate) form (no adaLN-Zero). The residual stream is kept in float32 (Mamba's residual_in_fp32).
 """
 
 import jax
@@ -87,7 +87,10 @@ class SkipFusion(nnx.Module):
 
 
 class DiMBlock(nnx.Module):
-  """Pre-norm Mamba layer with adaLN-single: stream + (1 + gate) * Mamba(RMSNorm(stream)(1 + scale) + shift)."""
+  """Pre-norm Mamba layer with adaLN-single.
+
+  stream + (1 + gate) * Mamba(RMSNorm(stream) * (1 + scale) + shift)
+  """
 
   def __init__(
     self,

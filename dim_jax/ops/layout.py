@@ -1,6 +1,6 @@
 """DiM's token layout: the padded token grid, the four scan directions and their per-layer schedule.
 
-DiM (arXiv 2405.14224, §3; official `adapter_attn4mamba.py`) scans a 2-D token grid with a 1-D Mamba.
+DiM (arXiv 2405.14224; official `adapter_attn4mamba.py`) scans a 2-D token grid with a 1-D Mamba.
 Each layer scans in one of four directions, cycled across depth; a direction is only a reordering of
 the tokens, so the scan itself is always a forward 1-D scan:
 
@@ -73,7 +73,7 @@ def _pad_fill_index(h: int, w: int, layout: str) -> np.ndarray:
   is_image = (rows < h) & (cols < w)
   index = np.where(is_image, rows * w + cols, -1)
   if layout == "lateral":
-    # Pad column k holds token k in every image row; pad row k holds token k across, corner included.
+    # Pad column k holds token k in every image row; pad row k holds it across, corners included.
     pad_id = np.where(rows >= h, rows - h, cols - w)
   else:
     # rho_pad: tokens 0, 1, 2, 0, ... over the pad positions in raster order.
