@@ -1,0 +1,93 @@
+"""Every knob of dim_jax with its default; the recipes in this folder start from `base_config()`.
+
+The returned config is locked: a recipe or a `--config.x.y=...` override may change any field
+below but cannot add one, so a misspelt key fails at once with the list of valid fields.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Backbone. `variant` ("S/2", "L/2", "H/2") sets width, depth and patch size; None uses the
+  # explicit width / depth / patch_size below.
+  c.model = dict(
+    name="dim",
+    variant=None,
+    width=512,
+    depth=25,
+    patch_size=2,
+    in_channels=3,
+    input_size=32,  # image (or latent) side the position table is stored at
+    num_classes=10,  # label `num_classes` is the null class (unconditional / CFG)
+    d_state=16,
+    d_conv=3,
+    expand=2,
+    pad_layout="lateral",  # "lateral" (256² recipes) or "rho_pad" (512² fine-tune, upsampling)
+    scan_directions=4,  # 4 (DiM), 2 (row and reverse row) or 1 (raster only; ablation)
+    scan_impl="auto",  # selective_scan impl: auto | reference | associative | chunked | pallas
+    remat=False,  # rematerialise each block in the backward pass (memory for compute)
+    dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
+  )
+
+  # Input pipeline (dim_jax/data). Fields not used by a source are ignored by it.
+  c.data = dict(
+    name="shapes",  # shapes | fashion_mnist | cifar10 | imagenet2012 | image_folder | latents
+    image_size=32,
+    num_examples=50_000,  # size of the procedural "shapes" set
+    worker_count=0,  # grain worker processes (0 = in the main process)
+  )
+
+  # Diffusion formulation (dim_jax/diffusion).
+  c.diffusion = dict(
+    schedule="discrete",  # discrete (DDPM, SD scaled-linear betas) | vpsde (continuous)
+    num_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_min=0.1,
+    beta_max=20.0,
+    p_uncond=0.1,  # label dropout to the null class, for classifier-free guidance
+  )
+
+  # AdamW with linear warm-up then a constant rate (the official "customized" schedule).
+  c.optim = dict(
+    learning_rate=2e-4,
+    b1=0.99,
+    b2=0.99,
+    eps=1e-15,  # the official code's value
+    weight_decay=0.03,
+    # Which parameters decay: "all" (the official code: A_log, D, tables and biases included)
+    # or "matrices" (only weights of rank >= 2, i.e. not biases, norms, A_log, D).
+    weight_decay_on="all",
+    warmup_steps=5000,
+    grad_clip_norm=1.0,  # 0 disables clipping
+    ema_decay=0.9999,
+  )
+
+  c.train = dict(
+    batch_size=768,  # global batch, over all devices and hosts
+    num_steps=750_000,
+    log_every=100,  # steps between progress lines and scalar metrics
+    checkpoint_every=5000,
+    keep_checkpoints=3,  # most recent checkpoints kept
+    sample_every=0,  # steps between sample grids during training (0: only at the end)
+  )
+
+  # Sampling (the end-of-training grid, and --mode=sample).
+  c.sample = dict(
+    sampler="dpm_solver_fast",  # ddpm | ddim | dpm_solver_fast | dpm_solver_pp_2m | euler_maruyama
+    steps=50,
+    eta=0.0,  # DDIM stochasticity
+    guidance_scale=1.4,  # w in ε_u + w(ε_c - ε_u); 1 disables guidance (official s = w - 1)
+    num_images=64,
+    batch_size=64,
+    use_ema=True,
+  )
+
+  # Device mesh: sizes of the ("data", "fsdp") axes; -1 takes the remaining devices.
+  c.mesh = dict(data=-1, fsdp=1)
+
+  c.lock()
+  return c

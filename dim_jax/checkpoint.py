@@ -1,0 +1,98 @@
+"""Orbax checkpoints: the whole training state and the data iterator, saved and restored together.
+
+One composite per step under `<workdir>/checkpoints/<step>`:
+  state      {"step", "params", "opt_state", "ema_params"}, restored onto the current mesh's shardings
+             (so a run can resume on another device count);
+  data_iter  the grain iterator's position, so a resumed run sees exactly the batches it would have.
+"""
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+def create_manager(workdir: str, *, keep: int = 3, save_every: int = 1) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=True
+  )
+  handlers = {
+    "state": ocp.StandardCheckpointHandler(),
+    "data_iter": grain.checkpoint.CheckpointHandler(),
+  }
+  return ocp.CheckpointManager(
+    epath.Path(workdir) / "checkpoints", options=options, item_handlers=handlers
+  )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, force=False) -> bool:
+  """Saves (asynchronously) when `step` is due or `force`; returns whether a save started."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{"blocks/0/mixer/in_proj/kernel": shape} for stored metadata and NNX states alike."""
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    shapes["/".join(k for k in keys if k != "value")] = tuple(leaf.shape)
+  return shapes
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+  """One clear error naming the first parameter missing or misshaped: another model's checkpoint."""
+  stored = _shapes(manager.item_metadata(step)["state"].tree["params"])
+  expected = _shapes(abstract_state["params"])
+  where = manager.directory / str(step)
+  for name, shape in expected.items():
+    if name not in stored:
+      raise ValueError(
+        f"checkpoint {where} is from a different model: it has no parameter {name}. "
+        "Use another --workdir or the config it was trained with."
+      )
+    if stored[name] != shape:
+      raise ValueError(
+        f"checkpoint {where} is from a different model: parameter {name} has shape "
+        f"{stored[name]} there and {shape} in this config."
+      )
+  if len(stored) != len(expected):
+    raise ValueError(
+      f"checkpoint {where} is from a different model: {len(stored)} parameters there, "
+      f"{len(expected)} in this config."
+    )
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, shardings, data_iter=None, step=None):
+  """Restores the latest (or given) step onto `shardings`; returns the state, or None if none."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  check_compatible(manager, step, abstract_state)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
+  items = {"state": ocp.args.StandardRestore(target)}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
+  return restored["state"]
+
+
+def restore_params(workdir: str, abstract_state, shardings, *, use_ema: bool, step=None):
+  """Only the (EMA) parameters of a workdir's checkpoint, for sampling and evaluation."""
+  manager = create_manager(workdir)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise ValueError(
+      f"no checkpoint in {workdir}/checkpoints: train first with --mode=train and this --workdir."
+    )
+  state = restore(manager, abstract_state, shardings, step=step)
+  key = "ema_params" if use_ema else "params"
+  logging.info("Using the %s of step %d", key, int(np.asarray(state["step"])))
+  return state[key], step

@@ -1,0 +1,69 @@
+"""Entry point: flags and platform set-up only; the work is a library call per --mode.
+
+python -m dim_jax.main --config=configs/demo.py --workdir=workdir/demo
+python -m dim_jax.main --config=configs/demo.py --workdir=workdir/demo --mode=sample
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to run.")
+flags.DEFINE_integer(
+  "num_images", None, "--mode=sample: how many images (default sample.num_images)."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _setup_platform() -> None:
+  """Multi-host init, a persistent compilation cache, TensorFlow kept off the accelerators."""
+  import jax
+
+  if int(os.environ.get("DIM_JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+    jax.distributed.initialize()
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/dim_jax/jax"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  try:  # clu imports TensorFlow, which must not reserve GPU memory.
+    import tensorflow as tf
+
+    tf.config.experimental.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+  logging.info(
+    "JAX %s: process %d of %d, %d local / %d global devices (%s)",
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _setup_platform()
+  from dim_jax import train  # after platform set-up: importing JAX code initialises backends
+
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      from dim_jax import sample
+
+      sample.sample_from_workdir(FLAGS.config, FLAGS.workdir, num_images=FLAGS.num_images)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    if os.environ.get("DIM_JAX_TRACEBACK"):
+      raise
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,67 @@
+"""Device mesh, logical-axis rules and shardings: the only place that knows the mesh axes.
+
+Modules annotate parameters with logical names ("embed", "mlp", "vocab"); the rules below map them
+onto the ("data", "fsdp") mesh. Parameters and optimizer state are sharded FSDP-style over "fsdp"
+along their "embed" dimension; the batch is split over both axes.
+"""
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+LOGICAL_RULES = (
+  ("embed", "fsdp"),
+  ("mlp", None),
+  ("vocab", None),
+)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+  """Resolves the config's axis sizes (one may be -1) against the device count."""
+  sizes = [mesh_config.data, mesh_config.fsdp]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh={dict(mesh_config)}: at most one axis may be -1.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if known <= 0 or num_devices % known:
+    raise ValueError(f"mesh={dict(mesh_config)} does not divide the {num_devices} devices.")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"mesh={dict(mesh_config)} uses {np.prod(sizes)} of {num_devices} devices.")
+  return tuple(sizes)
+
+
+def create_mesh(mesh_config) -> jax.sharding.Mesh:
+  shape = mesh_shape(mesh_config, jax.device_count())
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
+  """NamedShardings for a pytree of NNX states (logical names) and plain arrays (replicated)."""
+  with nnx.logical_axis_rules(LOGICAL_RULES):
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Host-local NumPy batch (this process's rows) -> global jax.Arrays sharded over the batch."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def check_batch_divides(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  devices = mesh.devices.size
+  if global_batch_size % devices or global_batch_size % jax.process_count():
+    raise ValueError(
+      f"train.batch_size={global_batch_size} does not divide over {devices} devices in "
+      f"{jax.process_count()} processes; use a multiple of {devices}."
+    )

@@ -1,0 +1,102 @@
+"""Generation: a jitted sampler over the backbone, uint8 images, PNG grids and `.npz` files."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from PIL import Image
+
+from dim_jax import diffusion
+
+
+def sample_labels(num_images: int, num_classes: int, unconditional: bool) -> np.ndarray:
+  """Classes cycled 0, 1, ..., or all the null class for an unconditional model."""
+  if unconditional:
+    return np.full((num_images,), num_classes, np.int32)
+  return (np.arange(num_images) % num_classes).astype(np.int32)
+
+
+def make_sampler(graphdef, schedule, sample_config, null_label: int):
+  """A jitted (params, noise (B, H, W, C), labels (B,), rng) -> images (B, H, W, C) in [-1, 1]."""
+  options = dict(
+    sampler=sample_config.sampler,
+    steps=sample_config.steps,
+    guidance_scale=sample_config.guidance_scale,
+    eta=sample_config.eta,
+    null_label=null_label,
+  )
+
+  @jax.jit
+  def run(params, noise, labels, rng):
+    model = nnx.merge(graphdef, params)
+    return diffusion.sample(model, schedule, noise, labels, rng, **options)
+
+  return run
+
+
+def generate(graphdef, params, schedule, *, config, num_images: int, rng: jax.Array) -> np.ndarray:
+  """`num_images` samples, in batches of sample.batch_size -> (N, H, W, C) in [-1, 1]."""
+  model_cfg, sample_cfg = config.model, config.sample
+  shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+  labels = sample_labels(num_images, model_cfg.num_classes, config.diffusion.p_uncond >= 1.0)
+  run = make_sampler(graphdef, schedule, sample_cfg, model_cfg.num_classes)
+  images = []
+  for start in range(0, num_images, sample_cfg.batch_size):
+    rng, noise_rng, sample_rng = jax.random.split(rng, 3)
+    batch_labels = jnp.asarray(labels[start : start + sample_cfg.batch_size])
+    noise = jax.random.normal(noise_rng, (len(batch_labels), *shape), jnp.float32)
+    images.append(np.asarray(jax.device_get(run(params, noise, batch_labels, sample_rng))))
+    logging.info("sampled %d / %d images", start + len(batch_labels), num_images)
+  return np.concatenate(images)[:num_images]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8, rounding as the field does (clip, scale by 127.5, round)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) uint8 -> one (rows*H, cols*W, C) image, as square as possible, 2-px gaps."""
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * (h + 2) - 2, cols * (w + 2) - 2, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[r * (h + 2) : r * (h + 2) + h, q * (w + 2) : q * (w + 2) + w] = image
+  return grid
+
+
+def save_grid(path: str, images_uint8: np.ndarray) -> str:
+  grid = image_grid(images_uint8)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  return path
+
+
+def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) -> str:
+  """--mode=sample: EMA parameters of the latest checkpoint -> PNG grid and .npz of uint8 images."""
+  from dim_jax import checkpoint, parallel, train
+
+  num_images = num_images or config.sample.num_images
+  mesh = parallel.create_mesh(config.mesh)
+  graphdef, init_state, _, _ = train.build_state(config)
+  abstract_state = jax.eval_shape(init_state)
+  shardings = parallel.state_shardings(abstract_state, mesh)
+  params, step = checkpoint.restore_params(
+    workdir, abstract_state, shardings, use_ema=config.sample.use_ema
+  )
+  schedule = diffusion.create_schedule(config.diffusion)
+  rng = jax.random.key(config.seed + 2)
+  images = to_uint8(
+    generate(graphdef, params, schedule, config=config, num_images=num_images, rng=rng)
+  )
+  name = f"sample_{config.sample.sampler}_{config.sample.steps}steps_step{step}"
+  path = save_grid(os.path.join(workdir, name + ".png"), images)
+  np.savez(os.path.join(workdir, name + ".npz"), images=images)
+  logging.info("Wrote %s and %s.npz", path, name)
+  return path

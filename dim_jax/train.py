@@ -1,0 +1,282 @@
+"""Training: one loop, read top to bottom (big_vision style sections).
+
+  Workdir · Mesh · Input · Model & optimizer · Shard · Update step · Checkpoint · Loop · Samples
+
+The state is a plain pytree {"step", "params", "opt_state", "ema_params"} (NNX states for the
+parameters), placed on the mesh by `jax.jit` out_shardings and updated by one jitted, donated step.
+The step's noise comes from fold_in(seed, step), and the data iterator's position is checkpointed
+with the state, so a resumed run continues bit for bit.
+"""
+
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from dim_jax import checkpoint, data, diffusion, metrics, parallel, sample
+from dim_jax.models import create_model
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails with one line when the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(
+      f"--workdir={workdir} is not writable ({e.strerror}); choose another."
+    ) from None
+
+
+def weight_decay_mask(params, weight_decay_on: str):
+  """Which parameters AdamW decays: all (the official code) or only matrices (rank >= 2)."""
+  if weight_decay_on == "all":
+    return None
+  if weight_decay_on == "matrices":
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+  raise ValueError(f"optim.weight_decay_on={weight_decay_on!r}: use 'all' or 'matrices'.")
+
+
+def create_optimizer(optim_config, params) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping, linear warm-up then constant (the official schedule)."""
+  c = optim_config
+  lr = optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1)),
+      optax.constant_schedule(c.learning_rate),
+    ],
+    [max(c.warmup_steps, 1)],
+  )
+  adamw = optax.adamw(
+    lr,
+    b1=c.b1,
+    b2=c.b2,
+    eps=c.eps,
+    weight_decay=c.weight_decay,
+    mask=weight_decay_mask(params, c.weight_decay_on),
+  )
+  clip = optax.clip_by_global_norm(c.grad_clip_norm) if c.grad_clip_norm > 0 else optax.identity()
+  return optax.chain(clip, adamw), lr
+
+
+class _StopSignal:
+  """Turns SIGTERM (preemption) into a flag the loop checks: save, then exit cleanly."""
+
+  def __init__(self):
+    self.received = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+    self.received = True
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return (
+    f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    if seconds >= 3600
+    else f"{seconds // 60}m{seconds % 60:02d}s"
+  )
+
+
+def build_state(config):
+  """The model's graph, an init function for the train state, the optimizer and its schedule."""
+  abstract_model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(config.seed)))
+  graphdef, abstract_params = nnx.split(abstract_model)
+  tx, lr_schedule = create_optimizer(config.optim, abstract_params)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  logging.info("Model %s: %.2f M parameters", config.model.name, num_params / 1e6)
+
+  def init_state():
+    _, params = nnx.split(create_model(config.model, nnx.Rngs(config.seed)))
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx.init(params),
+      "ema_params": jax.tree.map(jnp.copy, params),
+    }
+
+  return graphdef, init_state, tx, lr_schedule
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
+  # ---------------------------------------------------------------- Workdir
+  check_workdir(workdir)
+  writer = metrics.create_writer(workdir)
+  writer.write_hparams(metrics.flatten_config(config))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ---------------------------------------------------------------- Mesh
+  mesh = parallel.create_mesh(config.mesh)
+  parallel.check_batch_divides(config.train.batch_size, mesh)
+  logging.info(
+    "Mesh %s over %d devices (%d processes)",
+    dict(mesh.shape),
+    jax.device_count(),
+    jax.process_count(),
+  )
+
+  # ---------------------------------------------------------------- Input
+  info = data.dataset_info(config.data)
+  expected = (config.model.input_size, config.model.input_size, config.model.in_channels)
+  if tuple(info.image_shape) != expected:
+    raise ValueError(
+      f"data {config.data.name!r} gives images of shape {tuple(info.image_shape)} but the model "
+      f"expects {expected} (model.input_size, model.in_channels)."
+    )
+  train_iter = data.create_train_iterator(
+    config.data,
+    batch_size=config.train.batch_size // jax.process_count(),
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+
+  # ---------------------------------------------------------------- Model & optimizer
+  schedule = diffusion.create_schedule(config.diffusion)
+  graphdef, init_state, tx, lr_schedule = build_state(config)
+
+  # ---------------------------------------------------------------- Shard
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = parallel.state_shardings(abstract_state, mesh)
+
+  # ---------------------------------------------------------------- Update step
+  null_label = config.model.num_classes
+  ema_decay = config.optim.ema_decay
+  base_rng = jax.random.key(config.seed)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      return diffusion.training_loss(
+        model,
+        schedule,
+        batch["image"],
+        batch["label"],
+        rng,
+        p_uncond=config.diffusion.p_uncond,
+        null_label=null_label,
+      )
+
+    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = jax.tree.map(
+      lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema_params"], params
+    )
+    step_metrics = dict(
+      step_metrics,
+      loss=loss,
+      grad_norm=optax.global_norm(grads),
+      learning_rate=lr_schedule(state["step"]),
+    )
+    new_state = {
+      "step": state["step"] + 1,
+      "params": params,
+      "opt_state": opt_state,
+      "ema_params": ema,
+    }
+    return new_state, step_metrics
+
+  batch_sharding = parallel.batch_sharding(mesh)
+  p_train_step = jax.jit(
+    train_step,
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, parallel.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+
+  # ---------------------------------------------------------------- Checkpoint
+  manager = checkpoint.create_manager(
+    workdir, keep=config.train.keep_checkpoints, save_every=config.train.checkpoint_every
+  )
+  state = checkpoint.restore(manager, abstract_state, state_sharding, data_iter=train_iter)
+  if state is None:
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+    logging.info("Initialised a new model in %s", workdir)
+  start_step = int(jax.device_get(state["step"]))
+
+  # ---------------------------------------------------------------- Loop
+  num_steps = config.train.num_steps
+  stop = _StopSignal()
+  last_good_step, t_start, t_last, step_last = start_step, time.time(), time.time(), start_step
+  logging.info("Training from step %d to %d", start_step, num_steps)
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      batch = parallel.global_batch(next(train_iter), mesh)
+      state, step_metrics = p_train_step(state, batch)
+
+    if step % config.train.log_every == 0 or step == num_steps:
+      step_metrics = jax.device_get(step_metrics)
+      if not np.isfinite(step_metrics["loss"]):
+        manager.wait_until_finished()
+        raise FloatingPointError(
+          f"loss is {step_metrics['loss']} at step {step}; stopping. The last good checkpoint "
+          f"(step {manager.latest_step()}) in {workdir}/checkpoints is intact: lower "
+          "optim.learning_rate or enable optim.grad_clip_norm, then re-run to resume."
+        )
+      now = time.time()
+      steps_per_sec = (step - step_last) / (now - t_last)
+      step_metrics.update(
+        steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.train.batch_size
+      )
+      writer.write_scalars(step, step_metrics)
+      logging.info(
+        "step %d/%d | loss %.4f | %.2f steps/s | %.0f img/s | ETA %s",
+        step,
+        num_steps,
+        step_metrics["loss"],
+        steps_per_sec,
+        step_metrics["images_per_sec"],
+        _eta((num_steps - step) / max(steps_per_sec, 1e-9)),
+      )
+      t_last, step_last = now, step
+
+    if checkpoint.save(manager, step, state, train_iter, force=stop.received):
+      last_good_step = step
+    if config.train.sample_every and step % config.train.sample_every == 0:
+      write_samples(config, workdir, graphdef, state, schedule, step, writer)
+    if stop.received:
+      break
+
+  # ---------------------------------------------------------------- Samples
+  final_step = int(jax.device_get(state["step"]))
+  if final_step != last_good_step:
+    checkpoint.save(manager, final_step, state, train_iter, force=True)
+  manager.wait_until_finished()
+  logging.info("Trained %d steps in %s", final_step - start_step, _eta(time.time() - t_start))
+  if not stop.received:
+    write_samples(config, workdir, graphdef, state, schedule, final_step, writer)
+  writer.flush()
+  return state
+
+
+def write_samples(config, workdir, graphdef, state, schedule, step, writer) -> str:
+  """Samples a grid with the EMA parameters and writes it as PNG and to the metric writer."""
+  params = state["ema_params"] if config.sample.use_ema else state["params"]
+  rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+  images = sample.to_uint8(
+    sample.generate(
+      graphdef, params, schedule, config=config, num_images=config.sample.num_images, rng=rng
+    )
+  )
+  path = sample.save_grid(os.path.join(workdir, f"samples_{step:07d}.png"), images)
+  writer.write_images(step, {"samples": sample.image_grid(images)[None]})
+  logging.info("Wrote %s", path)
+  return path
