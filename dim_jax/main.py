@@ -4,6 +4,7 @@ python -m dim_jax.main --config=configs/demo.py --workdir=workdir/demo
 python -m dim_jax.main --config=configs/demo.py --workdir=workdir/demo --mode=sample
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -18,6 +19,14 @@ flags.DEFINE_integer(
   "num_images", None, "--mode=sample: how many images (default sample.num_images)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_libraries() -> None:
+  """Keeps Orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices
+  pylogging.getLogger("absl").addFilter(
+    lambda r: r.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in r.pathname
+  )
 
 
 def _setup_platform() -> None:
@@ -48,6 +57,7 @@ def _setup_platform() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _quiet_libraries()
   _setup_platform()
   from dim_jax import train  # after platform set-up: importing JAX code initialises backends
 
