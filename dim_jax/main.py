@@ -29,12 +29,28 @@ def _quiet_libraries() -> None:
   )
 
 
+def _initialize_distributed(jax) -> None:
+  """jax.distributed.initialize() when the environment names several processes.
+
+  TPU pods (launch/tpu.sh sets DIM_JAX_DISTRIBUTED=1) are auto-detected by JAX; GPU hosts
+  (launch/gpu.sh) pass the coordinator, the process count and this process's index.
+  """
+  env = os.environ
+  if "DIM_JAX_COORDINATOR" in env:
+    jax.distributed.initialize(
+      coordinator_address=env["DIM_JAX_COORDINATOR"],
+      num_processes=int(env["DIM_JAX_NUM_PROCESSES"]),
+      process_id=int(env["DIM_JAX_PROCESS_ID"]),
+    )
+  elif env.get("DIM_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+
+
 def _setup_platform() -> None:
   """Multi-host init, a persistent compilation cache, TensorFlow kept off the accelerators."""
   import jax
 
-  if int(os.environ.get("DIM_JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "1"))) > 1:
-    jax.distributed.initialize()
+  _initialize_distributed(jax)
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/dim_jax/jax"))
   jax.config.update("jax_compilation_cache_dir", cache)
   try:  # clu imports TensorFlow, which must not reserve GPU memory.
