@@ -108,7 +108,8 @@ class DiMBlock(nnx.Module):
     self.norm = RMSNorm(dim, rngs=rngs)
     self.mixer = MambaMixer(dim, num_layers=num_layers, dtype=dtype, rngs=rngs, **mixer_kwargs)
     self.table = nnx.Param(
-      jax.random.normal(rngs.params(), (3, dim), jnp.float32) / dim**0.5, sharding=(None, "embed")
+      jax.random.normal(rngs.params(), (3, dim), jnp.float32) / dim**0.5,
+      out_sharding=(None, "embed"),
     )
     self.dtype = dtype
 
@@ -173,7 +174,7 @@ class DiM(nnx.Module):
     )
     # (2 + N, D): entries for [t_tok, y_tok] then the patch grid in raster order; zero-init.
     self.pos_embed = nnx.Param(
-      jnp.zeros((2 + self.grid_size**2, width), jnp.float32), sharding=(None, "embed")
+      jnp.zeros((2 + self.grid_size**2, width), jnp.float32), out_sharding=(None, "embed")
     )
     self.label_embed = nnx.Embed(
       num_classes + 1,
@@ -184,10 +185,10 @@ class DiM(nnx.Module):
     self.adaln = AdaLNSingle(width, num_classes, dtype=dtype, rngs=rngs)
     self.first_smoother = depthwise_conv3x3(width, dtype, rngs)
     self.pad_tokens = nnx.Param(
-      0.02 * jax.random.normal(rngs.params(), (layout.NUM_PAD, width)), sharding=(None, "embed")
+      0.02 * jax.random.normal(rngs.params(), (layout.NUM_PAD, width)), out_sharding=(None, "embed")
     )
     self.separators = nnx.Param(
-      0.02 * jax.random.normal(rngs.params(), (layout.NUM_PAD, width)), sharding=(None, "embed")
+      0.02 * jax.random.normal(rngs.params(), (layout.NUM_PAD, width)), out_sharding=(None, "embed")
     )
     schedule = layout.scan_schedule(depth, scan_directions)
     num_encoder = (depth - 1) // 2

@@ -69,7 +69,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs):
     del rngs
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), sharding=("embed",))
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)

@@ -92,8 +92,8 @@ class MambaMixer(nnx.Module):
     a_log = jnp.log(
       jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (inner, d_state))
     )
-    self.A_log = nnx.Param(a_log, sharding=("mlp", None))
-    self.D = nnx.Param(jnp.ones((inner,), jnp.float32), sharding=("mlp",))
+    self.A_log = nnx.Param(a_log, out_sharding=("mlp", None))
+    self.D = nnx.Param(jnp.ones((inner,), jnp.float32), out_sharding=("mlp",))
     self.out_proj = linear(
       inner,
       dim,
