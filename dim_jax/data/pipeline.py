@@ -1,0 +1,83 @@
+"""The grain pipeline shared by every source: shard, shuffle per epoch, augment, batch, prefetch.
+
+  source[process_index::process_count]    disjoint shards that together cover the split
+  .shuffle(seed).repeat()                 a new permutation every epoch (seed + epoch), endless
+  .map_with_index(augment)                random flip / posterior sample keyed by stream position
+  .to_iter_dataset(ReadOptions)           `read_threads` threads decode ahead of the consumer
+  .batch(batch_size).map(finalize)        uint8 -> float32 [-1, 1] on whole batches
+  .mp_prefetch(worker_count)              worker processes when worker_count > 0
+
+Everything before `to_iter_dataset` is index-based, so the iterator's state is a position and a
+restored iterator yields exactly the batches an uninterrupted one would.
+"""
+
+import grain
+from absl import flags
+
+from dim_jax.data.base import DatasetInfo
+
+
+def _make_shapes(data_cfg):
+  from dim_jax.data import shapes
+
+  return shapes.ShapesSource(
+    num_examples=data_cfg.get("num_examples", 50_000),
+    image_size=data_cfg.get("image_size", 32),
+    random_flip=data_cfg.get("random_flip", True),
+  )
+
+
+SOURCES = {
+  "shapes": _make_shapes,
+}
+
+
+def make_source(data_cfg):
+  """data_cfg.name -> the random-access source of the whole split (not yet sharded)."""
+  name = data_cfg.get("name", None)
+  if name not in SOURCES:
+    raise ValueError(f"data.name={name!r} is not a data set; use one of {sorted(SOURCES)}.")
+  return SOURCES[name](data_cfg)
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+  """Shape of batch["image"] (H, W, C), number of classes and examples of `data_cfg`'s split."""
+  return make_source(data_cfg).info()
+
+
+def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+  """Process `process_index`'s strided share of `dataset`; shards are disjoint and cover it."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
+  if len(dataset) < process_count:
+    raise ValueError(
+      f"the data set has {len(dataset)} examples, fewer than the {process_count} processes."
+    )
+  return dataset[process_index::process_count]
+
+
+def create_train_iterator(
+  data_cfg, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+  """Endless iterator of this process's batches: {"image": float32 (b, H, W, C), "label": (b,)}.
+
+  `batch_size` is per process. The iterator has get_state / set_state and is saved with
+  grain.checkpoint.CheckpointSave inside the Orbax checkpoint.
+  """
+  if batch_size < 1:
+    raise ValueError(f"per-process batch size {batch_size} must be at least 1.")
+  source = make_source(data_cfg)
+  dataset = shard(grain.MapDataset.source(source), process_index, process_count)
+  dataset = dataset.shuffle(seed=seed % 2**32).repeat()
+  dataset = dataset.map_with_index(source.augment(seed, process_index))
+  read_options = grain.ReadOptions(
+    num_threads=data_cfg.get("read_threads", 8), prefetch_buffer_size=2 * batch_size
+  )
+  stream = dataset.to_iter_dataset(read_options)
+  stream = stream.batch(batch_size, drop_remainder=True).map(source.finalize)
+  worker_count = data_cfg.get("worker_count", 0)
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; scripts outside absl.app
+      flags.FLAGS.mark_as_parsed()
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(stream)

@@ -1,0 +1,168 @@
+"""The grain pipeline: seeded, resumable, sharded, per-epoch shuffled, flipped."""
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dim_jax import data
+from dim_jax.data.base import ImageSource
+
+
+def _fresh_seed() -> int:
+  return int(np.random.SeedSequence().entropy % 2**31)
+
+
+class IndexSource(ImageSource):
+  """Example i: label i, and a 2x3 image whose pixels spell i and whose columns differ (flip)."""
+
+  num_classes = 0
+
+  def __init__(self, num_examples: int, random_flip: bool = True):
+    self.num_examples, self.random_flip = num_examples, random_flip
+    self.image_shape = (2, 3, 1)
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, index):
+    image = np.array([[index % 251, 0, 1], [2, 3, index // 251]], np.uint8)[..., None]
+    return {"image": image, "label": index}
+
+
+@pytest.fixture
+def index_data(monkeypatch):
+  monkeypatch.setitem(
+    data.SOURCES,
+    "indices",
+    lambda cfg: IndexSource(cfg["num_examples"], cfg.get("random_flip", True)),
+  )
+  return lambda n, **kw: dict(name="indices", num_examples=n, worker_count=0, **kw)
+
+
+def _labels(iterator, num_batches):
+  return np.concatenate([next(iterator)["label"] for _ in range(num_batches)])
+
+
+def _take(iterator, num_batches):
+  return [next(iterator) for _ in range(num_batches)]
+
+
+def _assert_same_batches(got, want, msg):
+  assert len(got) == len(want)
+  for step, (g, w) in enumerate(zip(got, want, strict=True)):
+    assert g.keys() == w.keys(), msg
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=f"{msg}, batch {step}, {key!r}")
+
+
+def test_shapes_batches_have_the_promised_layout():
+  cfg = dict(name="shapes", image_size=16, num_examples=64, worker_count=0)
+  info = data.dataset_info(cfg)
+  assert info.image_shape == (16, 16, 3) and info.num_classes == 4 and info.num_examples == 64
+  batch = next(data.create_train_iterator(cfg, batch_size=5, seed=0))
+  assert batch["image"].shape == (5, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (5,) and batch["label"].dtype == np.int32
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+  seed = _fresh_seed()
+  cfg = dict(name="shapes", image_size=8, num_examples=40, worker_count=0)
+  first = _take(data.create_train_iterator(cfg, batch_size=6, seed=seed), 9)  # crosses epochs
+  again = _take(data.create_train_iterator(cfg, batch_size=6, seed=seed), 9)
+  _assert_same_batches(again, first, f"seed={seed}")
+  other = _take(data.create_train_iterator(cfg, batch_size=6, seed=seed + 1), 9)
+  assert any(not np.array_equal(o["image"], f["image"]) for o, f in zip(other, first, strict=True))
+
+
+def test_restored_state_continues_exactly_where_it_stopped():
+  seed, rng = _fresh_seed(), np.random.default_rng(_fresh_seed())
+  cfg = dict(name="shapes", image_size=8, num_examples=int(rng.integers(10, 30)), worker_count=0)
+  stop = int(rng.integers(1, 12))
+  uninterrupted = data.create_train_iterator(cfg, batch_size=4, seed=seed)
+  _take(uninterrupted, stop)
+  state = uninterrupted.get_state()
+  want = _take(uninterrupted, 8)
+
+  restored = data.create_train_iterator(cfg, batch_size=4, seed=seed)
+  restored.set_state(state)
+  _assert_same_batches(_take(restored, 8), want, f"seed={seed} stop={stop} cfg={cfg}")
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(tmp_path):
+  seed = _fresh_seed()
+  cfg = dict(name="shapes", image_size=8, num_examples=25, worker_count=0)
+  iterator = data.create_train_iterator(cfg, batch_size=3, seed=seed)
+  _take(iterator, 5)
+  with ocp.CheckpointManager(
+    tmp_path, item_handlers={"data_iter": grain.checkpoint.CheckpointHandler()}
+  ) as manager:
+    manager.save(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    want = _take(iterator, 6)
+    restored = data.create_train_iterator(cfg, batch_size=3, seed=seed)
+    manager.restore(
+      5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(restored))
+    )
+  _assert_same_batches(_take(restored, 6), want, f"seed={seed}")
+
+
+def test_every_epoch_is_a_new_permutation_of_the_split(index_data):
+  seed, n = _fresh_seed(), 24
+  labels = _labels(data.create_train_iterator(index_data(n), batch_size=4, seed=seed), 3 * n // 4)
+  epochs = labels.reshape(3, n)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n), err_msg=f"seed={seed}")
+  assert not np.array_equal(epochs[0], epochs[1]), f"seed={seed}: epoch 2 repeats epoch 1"
+
+
+@pytest.mark.parametrize("num_examples", [30, 31])
+def test_process_shards_are_disjoint_and_cover_the_split(index_data, num_examples):
+  seed, count = _fresh_seed(), 2
+  # One epoch of each shard (the smaller one rounds down to whole batches of 1).
+  shards = [
+    set(
+      _labels(
+        data.create_train_iterator(
+          index_data(num_examples), batch_size=1, seed=seed, process_index=p, process_count=count
+        ),
+        len(range(p, num_examples, count)),
+      ).tolist()
+    )
+    for p in range(count)
+  ]
+  assert not shards[0] & shards[1], f"seed={seed}: shards overlap in {shards[0] & shards[1]}"
+  assert shards[0] | shards[1] == set(range(num_examples)), f"seed={seed}"
+
+
+def test_random_flip_mirrors_about_half_the_images_and_nothing_else(index_data):
+  seed = _fresh_seed()
+  batches = _take(data.create_train_iterator(index_data(50), batch_size=50, seed=seed), 4)
+  flipped = 0
+  for batch in batches:
+    for image, label in zip(batch["image"], batch["label"], strict=True):
+      original = IndexSource(50)[int(label)]["image"].astype(np.float64) / 127.5 - 1
+      if np.allclose(image, original[:, ::-1], atol=1e-6):
+        flipped += 1
+      else:
+        np.testing.assert_allclose(image, original, atol=1e-6, err_msg=f"seed={seed}")
+  # 200 fair coin flips: 60..140 holds with probability 1 - 1e-8.
+  assert 60 <= flipped <= 140, f"seed={seed}: {flipped} of 200 flipped"
+
+  no_flip = _take(
+    data.create_train_iterator(index_data(50, random_flip=False), batch_size=50, seed=seed), 1
+  )[0]
+  for image, label in zip(no_flip["image"], no_flip["label"], strict=True):
+    want = IndexSource(50)[int(label)]["image"] / 127.5 - 1
+    np.testing.assert_allclose(image, want, atol=1e-6, err_msg=f"seed={seed}")
+
+
+def test_bad_names_and_arguments_fail_with_one_clear_line():
+  with pytest.raises(ValueError, match="data.name='mnist'.*shapes"):
+    data.dataset_info(dict(name="mnist"))
+  cfg = dict(name="shapes", num_examples=3)
+  with pytest.raises(ValueError, match="process_index=2"):
+    data.create_train_iterator(cfg, batch_size=1, seed=0, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="fewer than the 4 processes"):
+    data.create_train_iterator(cfg, batch_size=1, seed=0, process_index=0, process_count=4)
