@@ -70,6 +70,18 @@ def _setup_platform() -> None:
   )
 
 
+def _parse_flags(argv):
+  """absl's parser, with config errors (unknown field, bad value) reduced to one line."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    if len(message) > 1 and message[0] == message[-1] == "'":
+      message = message[1:-1]
+    kind = "unknown config field" if isinstance(e, AttributeError | KeyError) else "bad flag"
+    sys.exit(f"error: {kind}: {message}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -92,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
