@@ -32,12 +32,20 @@ def base_config() -> ml_collections.ConfigDict:
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
   )
 
-  # Input pipeline (dim_jax/data). Fields not used by a source are ignored by it.
+  # Input pipeline (dim_jax/data; its docstring describes every source). Fields a source does
+  # not use are ignored by it.
   c.data = dict(
     name="shapes",  # shapes | fashion_mnist | cifar10 | imagenet2012 | image_folder | latents
-    image_size=32,
+    image_size=32,  # square side after the ADM centre crop (or padding, for Fashion-MNIST)
+    data_dir="",  # where the data lie ("" = the source's default); required for latents
+    split="train",
     num_examples=50_000,  # size of the procedural "shapes" set
-    worker_count=0,  # grain worker processes (0 = in the main process)
+    random_flip=True,
+    download=False,  # cifar10 / imagenet2012: prepare the TFDS set if missing (needs TensorFlow)
+    manual_dir="",  # imagenet2012 with download: folder of ILSVRC2012_img_*.tar
+    latent_scale=0.18215,  # latents: Stable Diffusion's KL-f8 scale factor
+    worker_count=0,  # grain worker processes (0 = in the main process); keep fixed across resumes
+    read_threads=8,  # read-ahead threads per process
   )
 
   # Diffusion formulation (dim_jax/diffusion).
@@ -73,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     checkpoint_every=5000,
     keep_checkpoints=3,  # most recent checkpoints kept
     sample_every=0,  # steps between sample grids during training (0: only at the end)
+    # Stage transition: start a new run from another workdir's latest checkpoint (its weights;
+    # the position table resized to this grid, EMA reset to the weights, a fresh optimizer).
+    init_from="",
   )
 
   # Sampling (the end-of-training grid, and --mode=sample).
@@ -90,4 +101,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1)
 
   c.lock()
+  return c
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """`--config=file.py:smoke` shrinks any recipe to a CPU smoke run of about a minute.
+
+  The model keeps its structure (same fields, layouts, schedule) at a tiny width and depth, and
+  the data become the procedural shapes at the model's input size, so no data set is needed.
+  """
+  if not arg:
+    return c
+  if arg != "smoke":
+    raise ValueError(f"config argument {arg!r}: the only one is 'smoke'.")
+  c.model.update(variant=None, width=32, depth=5, patch_size=2, in_channels=3, num_classes=4)
+  c.model.update(d_state=4, dtype="float32", remat=False, scan_impl="auto")
+  c.data.update(name="shapes", image_size=c.model.input_size, worker_count=0)
+  c.train.update(batch_size=8, num_steps=10, log_every=5, checkpoint_every=5)
+  c.sample.update(steps=min(c.sample.steps, 4), num_images=4, batch_size=4)
+  c.mesh.update(data=-1, fsdp=1)
   return c

@@ -9,7 +9,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+
   c = common.base_config()
   c.model.update(width=64, depth=9, input_size=32, in_channels=3, num_classes=4)
   c.data.update(name="shapes", image_size=32)
@@ -17,4 +17,4 @@ def get_config(arg=None):
   c.optim.ema_decay = 0.99
   c.train.update(batch_size=32, num_steps=600, log_every=50, checkpoint_every=200)
   c.sample.update(sampler="ddim", steps=25, guidance_scale=2.0, num_images=16, batch_size=16)
-  return c
+  return common.apply_arg(c, arg)
