@@ -27,8 +27,68 @@ def _make_shapes(data_cfg):
   )
 
 
+def _make_fashion_mnist(data_cfg):
+  from dim_jax.data import fashion_mnist
+
+  return fashion_mnist.FashionMnistSource(
+    folder=data_cfg.get("data_dir", None) or fashion_mnist.DEFAULT_DIR,
+    split=data_cfg.get("split", "train"),
+    image_size=data_cfg.get("image_size", 32),
+    random_flip=data_cfg.get("random_flip", True),
+  )
+
+
+def _make_tfds(name):
+  def make(data_cfg):
+    from dim_jax.data import tfds_source
+
+    return tfds_source.TfdsSource(
+      name,
+      split=data_cfg.get("split", "train"),
+      image_size=data_cfg.get("image_size", 32 if name == "cifar10" else 256),
+      data_dir=data_cfg.get("data_dir", None),
+      download=data_cfg.get("download", False),
+      manual_dir=data_cfg.get("manual_dir", None),
+      random_flip=data_cfg.get("random_flip", True),
+    )
+
+  return make
+
+
+def _required_dir(data_cfg) -> str:
+  folder = data_cfg.get("data_dir", None)
+  if not folder:
+    raise ValueError(f"data.name={data_cfg['name']!r} needs data.data_dir; set it to its folder.")
+  return folder
+
+
+def _make_image_folder(data_cfg):
+  from dim_jax.data import image_folder
+
+  return image_folder.ImageFolderSource(
+    _required_dir(data_cfg),
+    image_size=data_cfg.get("image_size", 256),
+    random_flip=data_cfg.get("random_flip", True),
+  )
+
+
+def _make_latents(data_cfg):
+  from dim_jax.data import latents
+
+  return latents.LatentSource(
+    _required_dir(data_cfg),
+    scale=data_cfg.get("latent_scale", latents.SD_LATENT_SCALE),
+    random_flip=data_cfg.get("random_flip", True),
+  )
+
+
 SOURCES = {
   "shapes": _make_shapes,
+  "fashion_mnist": _make_fashion_mnist,
+  "cifar10": _make_tfds("cifar10"),
+  "imagenet2012": _make_tfds("imagenet2012"),
+  "image_folder": _make_image_folder,
+  "latents": _make_latents,
 }
 
 
@@ -64,20 +124,28 @@ def create_train_iterator(
   `batch_size` is per process. The iterator has get_state / set_state and is saved with
   grain.checkpoint.CheckpointSave inside the Orbax checkpoint.
   """
-  if batch_size < 1:
-    raise ValueError(f"per-process batch size {batch_size} must be at least 1.")
   source = make_source(data_cfg)
   dataset = shard(grain.MapDataset.source(source), process_index, process_count)
   dataset = dataset.shuffle(seed=seed % 2**32).repeat()
   dataset = dataset.map_with_index(source.augment(seed, process_index))
+  stream = batched_stream(dataset, data_cfg, batch_size, source.finalize, drop_remainder=True)
+  return iter(stream)
+
+
+def batched_stream(
+  dataset: grain.MapDataset, data_cfg, batch_size: int, finalize, *, drop_remainder: bool
+) -> grain.IterDataset:
+  """Threaded read-ahead, batching, `finalize` on each batch, and worker processes if asked."""
+  if batch_size < 1:
+    raise ValueError(f"per-process batch size {batch_size} must be at least 1.")
   read_options = grain.ReadOptions(
     num_threads=data_cfg.get("read_threads", 8), prefetch_buffer_size=2 * batch_size
   )
   stream = dataset.to_iter_dataset(read_options)
-  stream = stream.batch(batch_size, drop_remainder=True).map(source.finalize)
+  stream = stream.batch(batch_size, drop_remainder=drop_remainder).map(finalize)
   worker_count = data_cfg.get("worker_count", 0)
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; scripts outside absl.app
       flags.FLAGS.mark_as_parsed()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(stream)
+  return stream

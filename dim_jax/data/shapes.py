@@ -41,12 +41,9 @@ def render_shape(index: int, image_size: int) -> tuple[np.ndarray, int]:
   centre = rng.uniform(radius, image_size - radius, size=2)
   angle = rng.uniform(0, 2 * np.pi)
   background = rng.uniform(0, 1, size=3)
-  # Foreground at least 0.4 away from the background in some channel, so every shape is visible.
-  offset = rng.uniform(0.4, 1.0, size=3) * rng.choice([-1, 1], size=3)
-  foreground = np.where(
-    (background + offset < 0) | (background + offset > 1), background - offset, background + offset
-  )
-  foreground = np.clip(foreground, 0, 1)
+  # Each foreground channel 0.4 to 0.6 away from the background (shifted around the colour
+  # circle), so every shape stands out.
+  foreground = (background + rng.uniform(0.4, 0.6, size=3)) % 1.0
 
   pixel = np.arange(image_size) + 0.5 - centre[:, None]  # (2, S): pixel centres - shape centre
   dy, dx = pixel[1][:, None], pixel[0][None, :]  # (S, 1), (1, S)

@@ -1,0 +1,167 @@
+"""VAE latents: extract posterior moments once, then sample the posterior at every step.
+
+Latent diffusion as in DiM / U-ViT: each image is encoded once, as it is and flipped, to the
+moments (mean, log-variance) of the VAE posterior; training draws z = mean + exp(logvar / 2) * eps
+from one of the two (a random flip) and scales it by 0.18215 (Stable Diffusion's KL-f8 factor).
+
+On disk (`out_dir`):
+  metadata.json                     latent_shape (h, w, c), dtype, num_examples, num_classes, files
+  latents-PPPPP-of-NNNNN.array_record one per extracting process; record = little-endian int32
+                                    label, then moments (2 flips, 2 = (mean, logvar), h, w, c)
+"""
+
+import json
+import os
+
+import grain
+import numpy as np
+from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from dim_jax.data import pipeline, preprocess
+from dim_jax.data.base import DatasetInfo
+from dim_jax.data.decoded import pop_counters
+
+SD_LATENT_SCALE = 0.18215
+METADATA = "metadata.json"
+_LOGVAR_RANGE = (-30.0, 20.0)  # the clamp of Stable Diffusion's DiagonalGaussianDistribution
+
+
+def shard_file_name(process_index: int, process_count: int) -> str:
+  return f"latents-{process_index:05d}-of-{process_count:05d}.array_record"
+
+
+def encode_record(label: int, moments: np.ndarray) -> bytes:
+  """(label, moments (2, 2, h, w, c)) -> one record's bytes."""
+  little_endian = moments.astype(moments.dtype.newbyteorder("<"))
+  return np.array(label, "<i4").tobytes() + little_endian.tobytes()
+
+
+def decode_record(record: bytes, latent_shape, dtype: str) -> tuple[int, np.ndarray]:
+  """One record's bytes -> (label, float32 moments (2, 2, h, w, c))."""
+  label = int(np.frombuffer(record, "<i4", count=1)[0])
+  moments = np.frombuffer(record, np.dtype(dtype).newbyteorder("<"), offset=4)
+  return label, moments.reshape(2, 2, *latent_shape).astype(np.float32)
+
+
+def extract_latents(
+  encoder,
+  data_cfg,
+  out_dir: str,
+  *,
+  batch_size: int = 64,
+  process_index: int = 0,
+  process_count: int = 1,
+  dtype: str = "float32",
+) -> dict:
+  """Encodes this process's share of `data_cfg`'s split into `out_dir`; returns counts.
+
+  `encoder(images)`: images float32 (B, H, W, C) in [-1, 1] -> (mean, logvar), each
+  (B, h, w, c). It is always called with `batch_size` images (the last batch is padded), so a
+  jitted encoder compiles once. Every process writes its own file; process 0 writes the metadata.
+  `dtype` ("float32" or "float16") is the storage type of the moments.
+  """
+  if dtype not in ("float32", "float16"):
+    raise ValueError(f"latent dtype={dtype!r} is not float32 or float16.")
+  source = pipeline.make_source(data_cfg)
+  if isinstance(source, LatentSource):
+    raise ValueError("data.name='latents' are latents already; extract from an image data set.")
+  dataset = pipeline.shard(grain.MapDataset.source(source), process_index, process_count)
+  stream = pipeline.batched_stream(
+    dataset, data_cfg, batch_size, source.finalize, drop_remainder=False
+  )
+
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, shard_file_name(process_index, process_count))
+  writer = ArrayRecordWriter(path, "group_size:1")  # one record per chunk: cheap random reads
+  counts = {"examples": 0, "bad_files": 0, "converted": 0}
+  latent_shape = None
+  for batch in stream:
+    for key, value in pop_counters(batch).items():
+      counts[key] += value
+    images, labels = batch["image"], batch["label"]  # (b, H, W, C), (b,)
+    count = len(labels)
+    padded = np.concatenate([images, np.repeat(images[-1:], batch_size - count, axis=0)])
+    moments = []
+    for view in (padded, padded[:, :, ::-1]):  # as it is, flipped
+      mean, logvar = encoder(view)
+      moments.append(np.stack([np.asarray(mean), np.asarray(logvar)], axis=1)[:count])
+    moments = np.stack(moments, axis=1).astype(dtype)  # (b, 2 flips, 2 moments, h, w, c)
+    latent_shape = moments.shape[3:]
+    for label, example in zip(labels, moments, strict=True):
+      writer.write(encode_record(int(label), example))
+    counts["examples"] += count
+    logging.log_every_n_seconds(logging.INFO, "extracted %d latents", 30, counts["examples"])
+  writer.close()
+
+  if process_index == 0:
+    metadata = {
+      "latent_shape": list(latent_shape),
+      "dtype": dtype,
+      "num_examples": len(source),
+      "num_classes": source.info().num_classes,
+      "files": [shard_file_name(p, process_count) for p in range(process_count)],
+      "source": {key: data_cfg[key] for key in ("name", "image_size") if key in data_cfg},
+    }
+    with open(os.path.join(out_dir, METADATA), "w") as f:
+      json.dump(metadata, f, indent=2)
+  logging.info("wrote %s: %s", path, counts)
+  return counts
+
+
+class SamplePosterior:
+  """grain map_with_index transform: moments -> scaled posterior sample, one flip at random."""
+
+  def __init__(self, seed: int, process_index: int, scale: float, random_flip: bool):
+    self.seed, self.process_index = seed, process_index
+    self.scale, self.random_flip = scale, random_flip
+
+  def __call__(self, position: int, example: dict) -> dict:
+    rng = preprocess.example_rng(self.seed, self.process_index, position)
+    side = int(rng.integers(2)) if self.random_flip else 0
+    mean, logvar = example["moments"][side]  # (h, w, c) each
+    std = np.exp(0.5 * np.clip(logvar, *_LOGVAR_RANGE))
+    latent = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+    return {"image": (self.scale * latent).astype(np.float32), "label": example["label"]}
+
+
+class LatentSource:
+  """The latents in `folder` (written by extract_latents); examples {"moments", "label"}."""
+
+  def __init__(self, folder: str, scale: float = SD_LATENT_SCALE, random_flip: bool = True):
+    metadata_path = os.path.join(folder, METADATA)
+    if not os.path.isfile(metadata_path):
+      raise ValueError(
+        f"data.data_dir={folder!r} has no {METADATA}; write latents there first with "
+        "--mode=extract_latents."
+      )
+    with open(metadata_path) as f:
+      self.metadata = json.load(f)
+    paths = [os.path.join(folder, name) for name in self.metadata["files"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+      raise ValueError(f"latent files {missing} are missing; re-run --mode=extract_latents.")
+    self.records = grain.sources.ArrayRecordDataSource(paths)
+    if len(self.records) != self.metadata["num_examples"]:
+      raise ValueError(
+        f"{folder} holds {len(self.records)} latents but its metadata says "
+        f"{self.metadata['num_examples']}; an extraction did not finish, re-run it."
+      )
+    self.latent_shape = tuple(self.metadata["latent_shape"])
+    self.scale, self.random_flip = scale, random_flip
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict:
+    label, moments = decode_record(self.records[index], self.latent_shape, self.metadata["dtype"])
+    return {"moments": moments, "label": label}
+
+  def info(self) -> DatasetInfo:
+    return DatasetInfo(self.latent_shape, self.metadata["num_classes"], len(self))
+
+  def augment(self, seed: int, process_index: int) -> SamplePosterior:
+    return SamplePosterior(seed, process_index, self.scale, self.random_flip)
+
+  def finalize(self, batch: dict) -> dict:
+    return dict(batch, label=batch["label"].astype(np.int32))
