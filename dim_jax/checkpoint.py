@@ -1,7 +1,7 @@
 """Orbax checkpoints: the whole training state and the data iterator, saved and restored together.
 
 One composite per step under `<workdir>/checkpoints/<step>`:
-  state      {"step", "params", "opt_state", "ema_params"}, restored onto the current mesh's shardings
+  state      {"step", "params", "opt_state", "ema_params"}, restored onto this mesh's shardings
              (so a run can resume on another device count);
   data_iter  the grain iterator's position, so a resumed run sees exactly the batches it would have.
 """
@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def create_manager(workdir: str, *, keep: int = 3, save_every: int = 1) -> ocp.CheckpointManager:
@@ -37,11 +38,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, fo
 
 def _shapes(tree) -> dict[str, tuple]:
   """{"blocks/0/mixer/in_proj/kernel": shape} for stored metadata and NNX states alike."""
-  shapes = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    shapes["/".join(k for k in keys if k != "value")] = tuple(leaf.shape)
-  return shapes
+  return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
@@ -96,3 +93,56 @@ def restore_params(workdir: str, abstract_state, shardings, *, use_ema: bool, st
   key = "ema_params" if use_ema else "params"
   logging.info("Using the %s of step %d", key, int(np.asarray(state["step"])))
   return state[key], step
+
+
+def transfer_params(workdir: str, abstract_params, shardings, mesh):
+  """Another run's latest weights for this model (stage transitions such as 256² -> 512²).
+
+  Shapes must match except the position table, whose grid part is bilinearly resized. Returns the
+  parameters placed on `shardings` and a list of what was changed, for the log.
+  """
+  from dim_jax.models.dim import resize_position_table
+
+  manager = create_manager(workdir)
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"train.init_from={workdir}: no checkpoint in {workdir}/checkpoints.")
+  stored = manager.item_metadata(step)["state"].tree
+  replicated = NamedSharding(mesh, PartitionSpec())
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), stored
+  )
+  source = _shapes_to_arrays(
+    manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"][
+      "params"
+    ]
+  )
+  changes = [f"weights from {workdir} step {step} (EMA reset to them, optimizer fresh)"]
+
+  def convert(path, abstract):
+    name = _path_name(path)
+    if name not in source:
+      raise ValueError(f"train.init_from={workdir}: its checkpoint has no parameter {name}.")
+    value = source[name]
+    if value.shape != abstract.shape and name.endswith("pos_embed"):
+      g = round((abstract.shape[0] - 2) ** 0.5)
+      changes.append(f"{name}: {value.shape} -> {abstract.shape} (grid resized bilinearly)")
+      value = resize_position_table(value, g, g)
+    if value.shape != abstract.shape:
+      raise ValueError(
+        f"train.init_from={workdir}: parameter {name} has shape {value.shape} there and "
+        f"{abstract.shape} in this config; only the position table can be resized."
+      )
+    return value.astype(abstract.dtype)
+
+  params = jax.tree_util.tree_map_with_path(convert, abstract_params)
+  return jax.device_put(params, shardings), changes
+
+
+def _path_name(path) -> str:
+  keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return "/".join(k for k in keys if k != "value")
+
+
+def _shapes_to_arrays(tree) -> dict:
+  return {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}

@@ -8,6 +8,7 @@ The step's noise comes from fold_in(seed, step), and the data iterator's positio
 with the state, so a resumed run continues bit for bit.
 """
 
+import collections
 import os
 import signal
 import time
@@ -209,6 +210,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = checkpoint.restore(manager, abstract_state, state_sharding, data_iter=train_iter)
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sharding)()
+    if config.train.init_from:
+      params, changes = checkpoint.transfer_params(
+        config.train.init_from, abstract_state["params"], state_sharding["params"], mesh
+      )
+      state = dict(state, params=params, ema_params=jax.tree.map(jnp.copy, params))
+      for change in changes:
+        logging.info("Stage transition: %s", change)
     logging.info("Initialised a new model in %s", workdir)
   start_step = int(jax.device_get(state["step"]))
 
@@ -216,13 +224,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_steps = config.train.num_steps
   stop = _StopSignal()
   last_good_step, t_start, t_last, step_last = start_step, time.time(), time.time(), start_step
+  data_counts = collections.Counter()  # bad / converted files seen (file sources only)
   logging.info("Training from step %d to %d", start_step, num_steps)
   for step in range(start_step + 1, num_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = parallel.global_batch(next(train_iter), mesh)
+      local_batch = next(train_iter)
+      data_counts.update(data.pop_counters(local_batch))
+      batch = parallel.global_batch(local_batch, mesh)
       state, step_metrics = p_train_step(state, batch)
 
-    if step % config.train.log_every == 0 or step == num_steps:
+    due_log = step % config.train.log_every == 0 or step == num_steps
+    due_save = manager.should_save(step) or stop.received
+    if due_log or due_save:  # never save a state whose loss is not finite
       step_metrics = jax.device_get(step_metrics)
       if not np.isfinite(step_metrics["loss"]):
         manager.wait_until_finished()
@@ -231,8 +244,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"(step {manager.latest_step()}) in {workdir}/checkpoints is intact: lower "
           "optim.learning_rate or enable optim.grad_clip_norm, then re-run to resume."
         )
+    if due_log:
       now = time.time()
       steps_per_sec = (step - step_last) / (now - t_last)
+      step_metrics.update(data_counts)
       step_metrics.update(
         steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.train.batch_size
       )

@@ -31,6 +31,20 @@ NUM_PREFIX = 2 + layout.NUM_PAD  # [t_tok, y_tok, sep_1, sep_2, sep_3]: never pe
 ADALN_FREQ_DIM = 256  # sinusoid width fed to adaLN-single's timestep MLP (PixArt-α)
 
 
+def resize_position_table(table: jax.Array, h: int, w: int) -> jax.Array:
+  """(2 + g*g, D) table of a square g x g grid -> (2 + h*w, D); the 2 prefix rows are kept.
+
+  Bilinear with half-pixel centres (torch's align_corners=False) and no anti-aliasing, as the
+  official `pos_embed_inteplot` resizes for other resolutions.
+  """
+  g = round((table.shape[0] - 2) ** 0.5)
+  if (h, w) == (g, g):
+    return table
+  dim = table.shape[-1]
+  grid = jax.image.resize(table[2:].reshape(g, g, dim), (h, w, dim), "bilinear", antialias=False)
+  return jnp.concatenate([table[:2], grid.reshape(h * w, dim).astype(table.dtype)], axis=0)
+
+
 def depthwise_conv3x3(dim: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
   """The paper's "lightweight local feature enhancement": a depth-wise 3x3 conv with bias."""
   return nnx.Conv(
@@ -217,14 +231,7 @@ class DiM(nnx.Module):
 
   def position_embedding(self, h: int, w: int) -> jax.Array:
     """(2 + h*w, D): the stored table, its grid part bilinearly resized when (h, w) differs."""
-    table = self.pos_embed[...]
-    g = self.grid_size
-    if (h, w) == (g, g):
-      return table
-    grid = table[2:].reshape(g, g, self.width)
-    # Half-pixel-centre bilinear (torch's align_corners=False), no anti-aliasing.
-    grid = jax.image.resize(grid, (h, w, self.width), "bilinear", antialias=False)
-    return jnp.concatenate([table[:2], grid.reshape(h * w, self.width)], axis=0)
+    return resize_position_table(self.pos_embed[...], h, w)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
