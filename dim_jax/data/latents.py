@@ -63,9 +63,9 @@ def extract_latents(
   """
   if dtype not in ("float32", "float16"):
     raise ValueError(f"latent dtype={dtype!r} is not float32 or float16.")
-  source = pipeline.make_source(data_cfg)
-  if isinstance(source, LatentSource):
+  if data_cfg.get("name") == "latents":
     raise ValueError("data.name='latents' are latents already; extract from an image data set.")
+  source = pipeline.make_source(data_cfg)
   dataset = pipeline.shard(grain.MapDataset.source(source), process_index, process_count)
   stream = pipeline.batched_stream(
     dataset, data_cfg, batch_size, source.finalize, drop_remainder=False
