@@ -38,7 +38,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, fo
 
 def _shapes(tree) -> dict[str, tuple]:
   """{"blocks/0/mixer/in_proj/kernel": shape} for stored metadata and NNX states alike."""
-  return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {param_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
@@ -120,7 +120,7 @@ def transfer_params(workdir: str, abstract_params, shardings, mesh):
   changes = [f"weights from {workdir} step {step} (EMA reset to them, optimizer fresh)"]
 
   def convert(path, abstract):
-    name = _path_name(path)
+    name = param_name(path)
     if name not in source:
       raise ValueError(f"train.init_from={workdir}: its checkpoint has no parameter {name}.")
     value = source[name]
@@ -139,10 +139,11 @@ def transfer_params(workdir: str, abstract_params, shardings, mesh):
   return jax.device_put(params, shardings), changes
 
 
-def _path_name(path) -> str:
+def param_name(path) -> str:
+  """ "blocks/0/mixer/in_proj/kernel" for a pytree path into an NNX state or stored metadata."""
   keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
   return "/".join(k for k in keys if k != "value")
 
 
 def _shapes_to_arrays(tree) -> dict:
-  return {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {param_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}

@@ -113,3 +113,23 @@ def test_unwritable_workdir_is_one_clear_line(tmp_path):
   assert result.returncode != 0
   assert "not writable" in result.stderr
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_finetune_smoke_starts_from_pretrain_smoke_checkpoint(tmp_path):
+  from configs import finetune_512, pretrain_256
+
+  pre = pretrain_256.get_config("smoke")
+  pre.train.num_steps = 2
+  pretrained = train.train_and_evaluate(pre, str(tmp_path / "pre"))
+  fine = finetune_512.get_config("smoke")
+  fine.train.update(num_steps=1, init_from=str(tmp_path / "pre"))
+  fine.optim.learning_rate = 0.0  # so that step 1 leaves the transferred weights unchanged
+  tuned = train.train_and_evaluate(fine, str(tmp_path / "fine"))
+  old = np.asarray(pretrained["params"]["pos_embed"][...])
+  new = np.asarray(tuned["params"]["pos_embed"][...])
+  assert old.shape == (2 + 16 * 16, 32) and new.shape == (2 + 32 * 32, 32)
+  np.testing.assert_array_equal(new[:2], old[:2])  # the t / y rows are kept as they are
+  block = np.asarray(tuned["params"]["blocks"][3]["mixer"]["in_proj"]["kernel"][...])
+  np.testing.assert_array_equal(
+    block, np.asarray(pretrained["params"]["blocks"][3]["mixer"]["in_proj"]["kernel"][...])
+  )
