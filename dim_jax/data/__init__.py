@@ -16,7 +16,7 @@ optional field takes the default shown.
                 batches depends on it: keep it fixed across a resume.
   read_threads  threads per process that read and decode ahead (default 8)
   random_flip   random horizontal flip, p = 1/2 (default True)
-  data_dir      where the data lie (see each source; default None)
+  data_dir      where the data lie (see each source; None or "" = the source's default)
   split         "train" (default), or another split of the source
 
   shapes         procedural coloured shapes, 4 classes (circle, square, triangle, cross), RGB,

@@ -46,9 +46,9 @@ def _make_tfds(name):
       name,
       split=data_cfg.get("split", "train"),
       image_size=data_cfg.get("image_size", 32 if name == "cifar10" else 256),
-      data_dir=data_cfg.get("data_dir", None),
+      data_dir=data_cfg.get("data_dir", None) or None,  # "" also means TFDS's default
       download=data_cfg.get("download", False),
-      manual_dir=data_cfg.get("manual_dir", None),
+      manual_dir=data_cfg.get("manual_dir", None) or None,
       random_flip=data_cfg.get("random_flip", True),
     )
 
