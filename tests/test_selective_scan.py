@@ -12,7 +12,7 @@ import pytest
 
 from dim_jax.ops.scan import selective_scan
 
-XLA_IMPLS = ("reference", "associative", "chunked")
+IMPLS = ("reference", "associative", "chunked", "pallas")
 FIELDS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -21,7 +21,12 @@ def _sigmoid(x):
 
 
 def numpy_scan(x, g, softplus=True):
-  """float64 forward and its gradients for the loss sum(out * g); x holds the named inputs."""
+  """float64 forward and its gradients for the loss sum(out * g); x holds the named inputs.
+
+  x["z"] = None means no gate (SiLU(z) replaced by 1; no dz).
+  """
+  gated = x["z"] is not None
+  x = dict(x, z=x["z"] if gated else np.zeros_like(x["u"]))
   u, delta, A, B, C, D, z, bias = (np.asarray(x[k], np.float64) for k in FIELDS)
   g = np.asarray(g, np.float64)
   batch, length, channels = u.shape
@@ -33,7 +38,7 @@ def numpy_scan(x, g, softplus=True):
     drive = (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
     h[:, t + 1] = decay[:, t] * h[:, t] + drive
   y = np.einsum("bldn,bln->bld", h[:, 1:], C) + u * D
-  silu_z = z * _sigmoid(z)
+  silu_z = z * _sigmoid(z) if gated else np.ones_like(z)
   out = y * silu_z
 
   # Backward: adjoint of the recurrence, walked in reverse.
@@ -59,6 +64,8 @@ def numpy_scan(x, g, softplus=True):
     dh = dh * decay[:, t]  # carried to h_{t-1}
   grads["delta"] = d_dt * _sigmoid(pre) if softplus else d_dt
   grads["delta_bias"] = np.sum(grads["delta"], axis=(0, 1))
+  if not gated:
+    del grads["z"]
   return out, grads
 
 
@@ -90,17 +97,18 @@ def check_against_numpy(impl, x, dtype, tol, seed, softplus=True, **kwargs):
   rng = np.random.default_rng(seed)
   g = rng.normal(size=x["u"].shape)
   # bf16 inputs: the reference sees the same rounded values the kernel sees.
-  low = {k: np.asarray(jnp.asarray(v, dtype).astype(jnp.float32)) for k, v in x.items()}
+  low = {k: v if v is None else np.asarray(jnp.asarray(v, dtype), np.float64) for k, v in x.items()}
   low["A"], low["D"], low["delta_bias"] = x["A"], x["D"], x["delta_bias"]  # parameters stay fp32
   want_out, want_grads = numpy_scan(low, g, softplus)
-  args = {k: jnp.asarray(v, jnp.float32) for k, v in low.items()}
+  args = {k: jnp.asarray(v, jnp.float32) for k, v in low.items() if v is not None}
   for k in ("u", "delta", "B", "C", "z"):
-    args[k] = args[k].astype(dtype)
+    if k in args:
+      args[k] = args[k].astype(dtype)
 
   def loss(a):
     out = selective_scan(
       a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], delta_bias=a["delta_bias"],
-      delta_softplus=softplus, z=a["z"], impl=impl, **kwargs,
+      delta_softplus=softplus, z=a.get("z"), impl=impl, **kwargs,
     )  # fmt: skip
     return jnp.sum(out.astype(jnp.float32) * g), out
 
@@ -108,30 +116,69 @@ def check_against_numpy(impl, x, dtype, tol, seed, softplus=True, **kwargs):
   assert out.dtype == dtype, (impl, out.dtype)
   err = rel_err(out, want_out)
   assert err <= tol, f"{impl} output rel err {err:.2e} > {tol} (seed {seed})"
-  for k in FIELDS:
+  for k in want_grads:
+    assert grads[k].dtype == args[k].dtype, (impl, k, grads[k].dtype)
     err = rel_err(grads[k], want_grads[k])
     assert err <= tol, f"{impl} d{k} rel err {err:.2e} > {tol} (seed {seed})"
 
 
-@pytest.mark.parametrize("impl", XLA_IMPLS)
+def _random_case(rng):
+  """Batch > 1, an odd length (never a multiple of the chunk), odd channel and state counts."""
+  batch, length = int(rng.integers(2, 4)), int(rng.integers(4, 14)) * 2 + 1
+  channels, state = int(rng.integers(2, 7)), int(rng.integers(2, 6))
+  chunk = int(rng.integers(2, 5)) * 2  # even: never divides the odd length
+  return random_inputs(rng, batch, length, channels, state), chunk
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fp32_matches_float64_loop(impl):
   rng, seed = _rng()
-  batch, length = int(rng.integers(2, 4)), int(rng.integers(4, 20)) * 2 + 1  # odd length
-  channels, state = int(rng.integers(2, 7)), int(rng.integers(2, 6))
-  x = random_inputs(rng, batch, length, channels, state)
-  check_against_numpy(impl, x, jnp.float32, 1e-5, seed, chunk_size=int(rng.integers(3, 9)))
+  x, chunk = _random_case(rng)
+  check_against_numpy(impl, x, jnp.float32, 1e-5, seed, chunk_size=chunk)
 
 
-def test_without_softplus():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_inputs_match_float64_loop(impl):
+  rng, seed = _rng()
+  x, chunk = _random_case(rng)
+  check_against_numpy(impl, x, jnp.bfloat16, 1e-2, seed, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("impl", ["associative", "pallas"])
+def test_without_gate_or_softplus(impl):
   rng, seed = _rng()
   x = random_inputs(rng, 2, 13, 3, 4)
+  x["z"] = None
   x["delta"] = rng.uniform(0.01, 0.5, size=x["delta"].shape)
   x["delta_bias"] = rng.uniform(0.0, 0.1, size=x["delta_bias"].shape)
-  check_against_numpy("associative", x, jnp.float32, 1e-5, seed, softplus=False)
+  check_against_numpy(impl, x, jnp.float32, 1e-5, seed, softplus=False, chunk_size=4)
+
+
+def test_pallas_multiple_channel_blocks_and_full_chunks():
+  """Several programs along channels, whole chunks plus a tail: the grid and state hand-off."""
+  from dim_jax.ops import scan_pallas
+
+  rng, seed = _rng()
+  x = random_inputs(rng, 2, 19, 12, 16)
+  args = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
+  g = np.random.default_rng(seed).normal(size=x["u"].shape)
+
+  def loss(a):
+    out = scan_pallas.selective_scan_pallas(
+      a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["delta_bias"], True, a["z"], 8,
+      block_d=4,
+    )  # fmt: skip
+    return jnp.sum(out * g), out
+
+  grads, out = jax.jit(jax.grad(loss, has_aux=True))(args)
+  want_out, want_grads = numpy_scan(x, g)
+  assert rel_err(out, want_out) <= 1e-5, seed
+  for k in FIELDS:
+    assert rel_err(grads[k], want_grads[k]) <= 1e-5, (k, seed)
 
 
 def test_unknown_impl_names_valid_ones():
   x = jnp.zeros((1, 2, 3))
-  with pytest.raises(ValueError, match="reference, associative, chunked"):
+  with pytest.raises(ValueError, match="reference, associative, chunked, pallas, auto"):
     selective_scan(x, x, jnp.zeros((3, 4)), jnp.zeros((1, 2, 4)), jnp.zeros((1, 2, 4)),
                    jnp.zeros(3), impl="cuda")  # fmt: skip

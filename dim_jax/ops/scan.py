@@ -131,7 +131,7 @@ def selective_scan(
   delta_softplus: bool = True,
   z: jax.Array | None = None,
   impl: str = "associative",
-  chunk_size: int = 256,
+  chunk_size: int | None = None,
 ) -> jax.Array:
   """Mamba-1 selective scan; see the module docstring for the equations.
 
@@ -145,14 +145,14 @@ def selective_scan(
     delta_softplus: apply softplus to δ + bias.
     z: gate, (batch, length, channels); the output is multiplied by SiLU(z).
     impl: one of `IMPLS`.
-    chunk_size: time steps per chunk for "chunked" and "pallas".
+    chunk_size: time steps per chunk for "chunked" (default 256) and "pallas" (default 16).
 
   Returns:
     (batch, length, channels) in u's dtype.
   """
   if impl not in IMPLS:
     raise ValueError(f"selective_scan impl={impl!r} is unknown; use one of {', '.join(IMPLS)}.")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"selective_scan chunk_size={chunk_size!r}: use a positive integer.")
   if impl == "auto":
     impl = _auto_impl()
@@ -166,7 +166,7 @@ def selective_scan(
   scans: dict[str, Callable] = {
     "reference": _scan_reference,
     "associative": _scan_associative,
-    "chunked": lambda *a: _scan_chunked(*a, chunk_size),
+    "chunked": lambda *a: _scan_chunked(*a, chunk_size or 256),
   }
   y = scans[impl](u, dt, A, B, C)  # (B, L, D) float32
   return gated_output(y, u, D, z, u.dtype)
