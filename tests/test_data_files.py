@@ -173,6 +173,9 @@ def test_tfds_array_record_set_is_read_without_tensorflow(tmp_path):
   arrays = [_rgb(rng, (int(rng.integers(6, 20)), int(rng.integers(6, 20)))) for _ in range(6)]
 
   class TinyPngs(tfds.core.GeneratorBasedBuilder):
+    # Not "tests.test_data_files": TFDS would look up package resources of the builder's module,
+    # which needs the importlib_resources package.
+    __module__ = "tiny_pngs_builder"
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):

@@ -166,3 +166,18 @@ def test_bad_names_and_arguments_fail_with_one_clear_line():
     data.create_train_iterator(cfg, batch_size=1, seed=0, process_index=2, process_count=2)
   with pytest.raises(ValueError, match="fewer than the 4 processes"):
     data.create_train_iterator(cfg, batch_size=1, seed=0, process_index=0, process_count=4)
+
+
+def test_worker_processes_resume_exactly_too():
+  """With grain worker processes (worker_count > 0) the saved state restores the same stream."""
+  seed = _fresh_seed()
+  cfg = dict(name="shapes", image_size=8, num_examples=21, worker_count=2)
+  uninterrupted = data.create_train_iterator(cfg, batch_size=4, seed=seed)
+  _take(uninterrupted, 3)
+  state = uninterrupted.get_state()
+  want = _take(uninterrupted, 5)
+  restored = data.create_train_iterator(cfg, batch_size=4, seed=seed)
+  restored.set_state(state)
+  _assert_same_batches(_take(restored, 5), want, f"seed={seed}")
+  labels = np.concatenate([b["label"] for b in want])
+  assert np.bincount(labels, minlength=4).min() > 0, f"seed={seed}: a class never appears"
