@@ -11,10 +11,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Backbone. `variant` ("S/2", "L/2", "H/2") sets width, depth and patch size; None uses the
-  # explicit width / depth / patch_size below.
+  # Backbone. `variant` sets width, depth and patch size (DiM: "S/2", "L/2", "H/2"; DiT: "S/2",
+  # "B/2", "L/2", "XL/2"); None uses the explicit width / depth / patch_size below.
   c.model = dict(
-    name="dim",
+    name="dim",  # dim | dit (the Transformer baseline)
     variant=None,
     width=512,
     depth=25,
@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     scan_impl="auto",  # selective_scan impl: auto | reference | associative | chunked | pallas
     remat=False,  # rematerialise each block in the backward pass (memory for compute)
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
+    num_heads=6,  # DiT only, when variant is None
+    attention_impl="auto",  # DiT only: auto (cuDNN on GPU in bf16/fp16) | cudnn | xla
   )
 
   # Input pipeline (dim_jax/data; its docstring describes every source). Fields a source does

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dim_jax.models.dim import DiM
+from dim_jax.models.dit import build_dit
 
 # Parameters carry logical sharding names; the training step places them with jit out_shardings
 # (parallel.py), so NNX must not try to shard them eagerly at creation (it would need a mesh).
@@ -55,7 +56,7 @@ def _build_dim(cfg, rngs: nnx.Rngs) -> DiM:
   )
 
 
-MODELS = {"dim": _build_dim}
+MODELS = {"dim": _build_dim, "dit": build_dit}
 
 
 def create_model(model_config, rngs: nnx.Rngs) -> nnx.Module:
