@@ -95,7 +95,7 @@ def parse_args(argv):
   p.add_argument("--resolutions", default="256,512,1024,1536", help="image sides, pixels")
   p.add_argument("--batch", type=int, default=0, help="fixed batch; 0: from --tokens-per-batch")
   p.add_argument(
-    "--tokens-per-batch", type=int, default=65536, help="auto batch = this // image tokens"
+    "--tokens-per-batch", type=int, default=32768, help="auto batch = this // image tokens"
   )
   p.add_argument("--iters", type=int, default=5, help="timed calls per model and resolution")
   p.add_argument("--scan-impl", default="auto", help="DiM model.scan_impl")
