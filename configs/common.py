@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     steps=50,
     eta=0.0,  # DDIM stochasticity
     guidance_scale=1.4,  # w in ε_u + w(ε_c - ε_u); 1 disables guidance (official s = w - 1)
-    num_images=64,
+    num_images=64,  # images in the end-of-training grid and --mode=sample (0: no grid)
     batch_size=64,
     use_ema=True,
   )

@@ -131,6 +131,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     jax.process_count(),
   )
 
+  # ---------------------------------------------------------------- Model & optimizer
+  graphdef, init_state, tx, lr_schedule = build_state(config)
+  schedule = diffusion.create_schedule(config.diffusion)
+
   # ---------------------------------------------------------------- Input
   info = data.dataset_info(config.data)
   expected = (config.model.input_size, config.model.input_size, config.model.in_channels)
@@ -146,10 +150,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-
-  # ---------------------------------------------------------------- Model & optimizer
-  schedule = diffusion.create_schedule(config.diffusion)
-  graphdef, init_state, tx, lr_schedule = build_state(config)
 
   # ---------------------------------------------------------------- Shard
   abstract_state = jax.eval_shape(init_state)
@@ -276,7 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpoint.save(manager, final_step, state, train_iter, force=True)
   manager.wait_until_finished()
   logging.info("Trained %d steps in %s", final_step - start_step, _eta(time.time() - t_start))
-  if not stop.received:
+  if not stop.received and config.sample.num_images > 0:
     write_samples(config, workdir, graphdef, state, schedule, final_step, writer)
   writer.flush()
   return state

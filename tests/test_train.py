@@ -120,10 +120,12 @@ def test_finetune_smoke_starts_from_pretrain_smoke_checkpoint(tmp_path):
 
   pre = pretrain_256.get_config("smoke")
   pre.train.num_steps = 2
+  pre.sample.num_images = 0
   pretrained = train.train_and_evaluate(pre, str(tmp_path / "pre"))
   fine = finetune_512.get_config("smoke")
   fine.train.update(num_steps=1, init_from=str(tmp_path / "pre"))
   fine.optim.learning_rate = 0.0  # so that step 1 leaves the transferred weights unchanged
+  pre.sample.num_images = fine.sample.num_images = 0
   tuned = train.train_and_evaluate(fine, str(tmp_path / "fine"))
   old = np.asarray(pretrained["params"]["pos_embed"][...])
   new = np.asarray(tuned["params"]["pos_embed"][...])
