@@ -125,7 +125,7 @@ def test_finetune_smoke_starts_from_pretrain_smoke_checkpoint(tmp_path):
   fine = finetune_512.get_config("smoke")
   fine.train.update(num_steps=1, init_from=str(tmp_path / "pre"))
   fine.optim.learning_rate = 0.0  # so that step 1 leaves the transferred weights unchanged
-  pre.sample.num_images = fine.sample.num_images = 0
+  fine.sample.num_images = 0
   tuned = train.train_and_evaluate(fine, str(tmp_path / "fine"))
   old = np.asarray(pretrained["params"]["pos_embed"][...])
   new = np.asarray(tuned["params"]["pos_embed"][...])
