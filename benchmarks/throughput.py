@@ -39,7 +39,7 @@ from flax import nnx
 
 from configs import common
 from dim_jax.models import create_model, dim_preset, mamba
-from dim_jax.models.dit import build_dit, dit_preset
+from dim_jax.models.dit import dit_preset
 from dim_jax.models.flops import dim_flops, dim_sequence_length, dit_flops
 from dim_jax.ops import layout
 
@@ -214,7 +214,7 @@ def build(name: str, args) -> Backbone:
   preset = dim_preset if family == "dim" else dit_preset
   arch = TINY_ARCH[family] if args.tiny else preset(variant)
   cfg = model_config(family, arch, args)
-  model = (create_model if family == "dim" else build_dit)(cfg, nnx.Rngs(0))
+  model = create_model(cfg, nnx.Rngs(0))
   return Backbone(family, arch, cfg, *nnx.split(model))
 
 
