@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     scan_impl="auto",  # selective_scan impl: auto | reference | associative | chunked | pallas
     remat=False,  # rematerialise each block in the backward pass (memory for compute)
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
-    num_heads=6,  # DiT only, when variant is None
+    num_heads=8,  # DiT only, when variant is None
     attention_impl="auto",  # DiT only: auto (cuDNN on GPU in bf16/fp16) | cudnn | xla
   )
 

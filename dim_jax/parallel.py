@@ -15,6 +15,7 @@ BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES = (
   ("embed", "fsdp"),
   ("mlp", None),
+  ("heads", None),
   ("vocab", None),
 )
 

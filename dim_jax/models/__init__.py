@@ -1,11 +1,11 @@
 """Backbones, built by name from the config: `create_model(config.model, rngs)`."""
 
 import flax
-import jax.numpy as jnp
 from flax import nnx
 
 from dim_jax.models.dim import DiM
 from dim_jax.models.dit import build_dit
+from dim_jax.models.layers import compute_dtype
 
 # Parameters carry logical sharding names; the training step places them with jit out_shardings
 # (parallel.py), so NNX must not try to shard them eagerly at creation (it would need a mesh).
@@ -13,7 +13,6 @@ flax.config.update("flax_always_shard_variable", False)
 
 # DiM presets (reference notes §2): width, depth; "/2" is the patch size.
 DIM_VARIANTS = {"S": (512, 25), "L": (1024, 49), "H": (1536, 49)}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def dim_preset(variant: str) -> dict:
@@ -27,12 +26,6 @@ def dim_preset(variant: str) -> dict:
       f"model.variant={variant!r}: use one of {[f'{k}/2' for k in DIM_VARIANTS]} or set it to "
       "None and give model.width and model.depth."
     ) from None
-
-
-def _dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"model.dtype={name!r}: use one of {list(DTYPES)}.")
-  return DTYPES[name]
 
 
 def _build_dim(cfg, rngs: nnx.Rngs) -> DiM:
@@ -50,7 +43,7 @@ def _build_dim(cfg, rngs: nnx.Rngs) -> DiM:
     scan_directions=cfg.scan_directions,
     scan_impl=cfg.scan_impl,
     remat=cfg.remat,
-    dtype=_dtype(cfg.dtype),
+    dtype=compute_dtype(cfg.dtype),
     rngs=rngs,
     **arch,
   )

@@ -23,6 +23,7 @@ from dim_jax.models.layers import (
   timestep_embedding,
   torch_default_bias_init,
   torch_default_init,
+  unpatchify,
 )
 from dim_jax.models.mamba import MambaMixer
 from dim_jax.ops import layout
@@ -281,5 +282,4 @@ class DiM(nnx.Module):
     )
     img = self.final_norm(img) * (1 + scale[:, None, None]) + shift[:, None, None]
     out = self.final_proj(img.astype(self.dtype)).astype(jnp.float32)  # (B, h, w, p*p*C)
-    out = out.reshape(batch, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(batch, height, width, channels)
+    return unpatchify(out, height, width, p)

@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dim_jax.models.layers import embedding_init, linear, timestep_embedding
+from dim_jax.models.layers import (
+  compute_dtype,
+  embedding_init,
+  linear,
+  timestep_embedding,
+  unpatchify,
+)
 
 # Presets (DiT Table 1): width, depth, heads; "/2" is the patch size.
 DIT_VARIANTS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -248,8 +254,7 @@ class DiT(nnx.Module):
       tokens = apply_block(block, tokens, c)
 
     out = self.final(tokens, c)  # (B, N, p*p*C)
-    out = out.reshape(batch, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(batch, height, width, channels)
+    return unpatchify(out.reshape(batch, h, w, -1), height, width, p)
 
 
 def build_dit(cfg, rngs: nnx.Rngs) -> DiT:
@@ -259,8 +264,6 @@ def build_dit(cfg, rngs: nnx.Rngs) -> DiT:
   attention_impl, remat, dtype. input_size is not needed: the position embedding is computed for
   whatever grid the input has.
   """
-  from dim_jax.models import _dtype  # deferred: the package __init__ imports this module
-
   arch = dict(width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=cfg.patch_size)
   if cfg.get("variant"):
     arch = dit_preset(cfg.variant)
@@ -269,7 +272,7 @@ def build_dit(cfg, rngs: nnx.Rngs) -> DiT:
     num_classes=cfg.num_classes,
     attention_impl=cfg.attention_impl,
     remat=cfg.remat,
-    dtype=_dtype(cfg.dtype),
+    dtype=compute_dtype(cfg.dtype),
     rngs=rngs,
     **arch,
   )

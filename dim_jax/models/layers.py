@@ -11,6 +11,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """model.dtype -> the JAX dtype of activations and matmuls (parameters stay float32)."""
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use one of {list(DTYPES)}.")
+  return DTYPES[name]
+
+
+def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
+  """(B, h, w, p*p*C) per-patch outputs -> (B, h*p, w*p, C) image."""
+  batch, h, w, _ = tokens.shape
+  channels = tokens.shape[-1] // patch**2
+  out = tokens.reshape(batch, h, w, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(batch, height, width, channels)
+
+
 # U(±1/√fan_in): PyTorch's default Linear / Conv weight init (kaiming_uniform with a = √5).
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 embedding_init = nnx.initializers.normal(stddev=0.02)
