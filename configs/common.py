@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = dict(
     batch_size=768,  # global batch, over all devices and hosts
+    grad_accum_steps=1,  # micro-batches per step (batch_size must divide by it)
     num_steps=750_000,
     log_every=100,  # steps between progress lines and scalar metrics
     checkpoint_every=5000,

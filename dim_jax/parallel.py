@@ -59,10 +59,12 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def check_batch_divides(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def check_batch_divides(global_batch_size: int, mesh: jax.sharding.Mesh, accum: int = 1) -> None:
+  """Each device must get whole examples, in every micro-batch."""
   devices = mesh.devices.size
-  if global_batch_size % devices or global_batch_size % jax.process_count():
+  if accum < 1 or global_batch_size % (devices * accum) or global_batch_size % jax.process_count():
     raise ValueError(
       f"train.batch_size={global_batch_size} does not divide over {devices} devices in "
-      f"{jax.process_count()} processes; use a multiple of {devices}."
+      f"{jax.process_count()} processes and {accum} micro-batches (train.grad_accum_steps); "
+      f"use a multiple of {devices * max(accum, 1)}."
     )

@@ -111,6 +111,69 @@ def build_state(config):
   return graphdef, init_state, tx, lr_schedule
 
 
+def make_train_step(config, graphdef, tx, lr_schedule, schedule):
+  """(state, batch) -> (state, metrics): ε-MSE gradients (accumulated over
+  `train.grad_accum_steps` micro-batches), clipped AdamW, EMA. Noise from fold_in(seed, step)."""
+  null_label = config.model.num_classes
+  ema_decay = config.optim.ema_decay
+  accum = config.train.grad_accum_steps
+  base_rng = jax.random.key(config.seed)
+
+  def loss_and_grads(params, images, labels, rng):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      return diffusion.training_loss(
+        model,
+        schedule,
+        images,
+        labels,
+        rng,
+        p_uncond=config.diffusion.p_uncond,
+        null_label=null_label,
+      )
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    params = state["params"]
+    if accum == 1:
+      (loss, step_metrics), grads = loss_and_grads(params, batch["image"], batch["label"], rng)
+    else:  # micro-batches in sequence (each with its own noise); gradients averaged
+      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+      def add(carry, xs):
+        i, mb = xs
+        out = loss_and_grads(params, mb["image"], mb["label"], jax.random.fold_in(rng, i))
+        return jax.tree.map(lambda c, o: c + o / accum, carry, out), None
+
+      zeros = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(loss_and_grads, params, micro["image"][0], micro["label"][0], rng),
+      )
+      ((loss, step_metrics), grads), _ = jax.lax.scan(add, zeros, (jnp.arange(accum), micro))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(
+      lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema_params"], params
+    )
+    step_metrics = dict(
+      step_metrics,
+      loss=loss,
+      grad_norm=optax.global_norm(grads),
+      learning_rate=lr_schedule(state["step"]),
+    )
+    new_state = {
+      "step": state["step"] + 1,
+      "params": params,
+      "opt_state": opt_state,
+      "ema_params": ema,
+    }
+    return new_state, step_metrics
+
+  return train_step
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
   # ---------------------------------------------------------------- Workdir
@@ -123,7 +186,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- Mesh
   mesh = parallel.create_mesh(config.mesh)
-  parallel.check_batch_divides(config.train.batch_size, mesh)
+  parallel.check_batch_divides(config.train.batch_size, mesh, config.train.grad_accum_steps)
   logging.info(
     "Mesh %s over %d devices (%d processes)",
     dict(mesh.shape),
@@ -156,45 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state_sharding = parallel.state_shardings(abstract_state, mesh)
 
   # ---------------------------------------------------------------- Update step
-  null_label = config.model.num_classes
-  ema_decay = config.optim.ema_decay
-  base_rng = jax.random.key(config.seed)
-
-  def train_step(state, batch):
-    rng = jax.random.fold_in(base_rng, state["step"])
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      return diffusion.training_loss(
-        model,
-        schedule,
-        batch["image"],
-        batch["label"],
-        rng,
-        p_uncond=config.diffusion.p_uncond,
-        null_label=null_label,
-      )
-
-    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = jax.tree.map(
-      lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema_params"], params
-    )
-    step_metrics = dict(
-      step_metrics,
-      loss=loss,
-      grad_norm=optax.global_norm(grads),
-      learning_rate=lr_schedule(state["step"]),
-    )
-    new_state = {
-      "step": state["step"] + 1,
-      "params": params,
-      "opt_state": opt_state,
-      "ema_params": ema,
-    }
-    return new_state, step_metrics
-
+  train_step = make_train_step(config, graphdef, tx, lr_schedule, schedule)
   batch_sharding = parallel.batch_sharding(mesh)
   p_train_step = jax.jit(
     train_step,
