@@ -155,7 +155,7 @@ def test_without_gate_or_softplus(impl):
 
 
 def test_pallas_multiple_channel_blocks_and_full_chunks():
-  """Several programs along channels, whole chunks plus a tail: the grid and state hand-off."""
+  """Several programs along channels (other blocks in the backward), whole chunks and a tail."""
   from dim_jax.ops import scan_pallas
 
   rng, seed = _rng()
@@ -166,7 +166,7 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
   def loss(a):
     out = scan_pallas.selective_scan_pallas(
       a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["delta_bias"], True, a["z"], 8,
-      block_d=4,
+      block_d=8, bwd_block_d=4,
     )  # fmt: skip
     return jnp.sum(out * g), out
 

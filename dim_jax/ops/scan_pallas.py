@@ -8,6 +8,7 @@ the inputs and one float32 (D, N) state per chunk and sample, O(B·L·D + B·(L/
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,15 @@ DEFAULT_CHUNK = 16  # time steps unrolled per loop iteration (and between saved 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Static launch parameters: channels per program, warps per program (GPU), steps per chunk."""
+  """Static launch parameters: channels and warps per program (GPU) of the forward and the
+  backward kernel, steps per chunk."""
 
   block_d: int
   num_warps: int
+  bwd_block_d: int
+  bwd_num_warps: int
+  prefetch: bool  # forward loads chunk c + 1 while computing chunk c
+  bwd_prefetch: bool
   chunk: int
   softplus: bool
   interpret: bool
@@ -37,7 +43,7 @@ def default_block_d(batch: int, channels: int) -> int:
   return 4
 
 
-def _compiler_params(cfg: KernelConfig):
+def _compiler_params(cfg: KernelConfig, num_warps: int):
   if cfg.interpret:
     return None
   if jax.default_backend() == "tpu":
@@ -46,46 +52,50 @@ def _compiler_params(cfg: KernelConfig):
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
   from jax.experimental.pallas import triton as pltriton
 
-  return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _specs(batch, length, channels, state, cfg):
-  bd = cfg.block_d
+def _specs(length, state, bd, cfg):
   num_chunks = -(-length // cfg.chunk)
   return dict(
     rows=pl.BlockSpec((None, length, bd), lambda b, j: (b, 0, j)),  # u, δ, z, y, g: (B, L, D)
     state_rows=pl.BlockSpec((None, length, state), lambda b, j: (b, 0, 0)),  # B, C: (B, L, N)
-    param=pl.BlockSpec((bd, state), lambda b, j: (j, 0)),  # A: (D, N)
+    param=pl.BlockSpec((state, bd), lambda b, j: (0, j)),  # Aᵀ: (N, D)
     vec=pl.BlockSpec((bd,), lambda b, j: (j,)),  # D, bias: (D,)
-    states=pl.BlockSpec((None, num_chunks, bd, state), lambda b, j: (b, 0, j, 0)),
+    states=pl.BlockSpec((None, num_chunks, state, bd), lambda b, j: (b, 0, 0, j)),
     block_partial=pl.BlockSpec((None, None, length, state), lambda b, j: (b, j, 0, 0)),
-    per_sample_param=pl.BlockSpec((None, bd, state), lambda b, j: (b, j, 0)),
+    per_sample_param=pl.BlockSpec((None, state, bd), lambda b, j: (b, 0, j)),
     per_sample_vec=pl.BlockSpec((None, bd), lambda b, j: (b, j)),
   )
 
 
 def _forward(cfg, u, delta, a2, B, C, D, bias, z):
   batch, length, channels = u.shape
-  state = a2.shape[1]
-  s = _specs(batch, length, channels, state, cfg)
+  state = a2.shape[0]
+  s = _specs(length, state, cfg.block_d, cfg)
   has_z = z is not None
   ins = (u, delta, *((z,) if has_z else ()), B, C, a2, D, bias)
   in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
   in_specs += [s["state_rows"], s["state_rows"], s["param"], s["vec"], s["vec"]]
   num_chunks = -(-length // cfg.chunk)
   kernel = functools.partial(
-    kernels.forward_kernel, length=length, chunk=cfg.chunk, softplus=cfg.softplus, has_z=has_z
+    kernels.forward_kernel,
+    length=length,
+    chunk=cfg.chunk,
+    softplus=cfg.softplus,
+    has_z=has_z,
+    prefetch=cfg.prefetch,
   )
   return pl.pallas_call(
     kernel,
     out_shape=(
       jax.ShapeDtypeStruct(u.shape, u.dtype),
-      jax.ShapeDtypeStruct((batch, num_chunks, channels, state), jnp.float32),
+      jax.ShapeDtypeStruct((batch, num_chunks, state, channels), jnp.float32),
     ),
     grid=(batch, channels // cfg.block_d),
     in_specs=in_specs,
     out_specs=(s["rows"], s["states"]),
-    compiler_params=_compiler_params(cfg),
+    compiler_params=_compiler_params(cfg, cfg.num_warps),
     interpret=cfg.interpret,
     name="selective_scan_fwd",
   )(*ins)
@@ -94,9 +104,9 @@ def _forward(cfg, u, delta, a2, B, C, D, bias, z):
 def _backward(cfg, res, g):
   u, delta, a2, B, C, D, bias, z, states = res
   batch, length, channels = u.shape
-  state = a2.shape[1]
-  num_blocks = channels // cfg.block_d
-  s = _specs(batch, length, channels, state, cfg)
+  state = a2.shape[0]
+  num_blocks = channels // cfg.bwd_block_d
+  s = _specs(length, state, cfg.bwd_block_d, cfg)
   has_z = z is not None
   ins = (u, delta, *((z,) if has_z else ()), B, C, g, a2, D, bias, states)
   in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
@@ -109,7 +119,7 @@ def _backward(cfg, res, g):
     *((jax.ShapeDtypeStruct(z.shape, z.dtype),) if has_z else ()),
     jax.ShapeDtypeStruct((batch, num_blocks, length, state), f32),  # dB per channel block
     jax.ShapeDtypeStruct((batch, num_blocks, length, state), f32),  # dC per channel block
-    jax.ShapeDtypeStruct((batch, channels, state), f32),  # dA per sample
+    jax.ShapeDtypeStruct((batch, state, channels), f32),  # dAᵀ per sample
     jax.ShapeDtypeStruct((batch, channels), f32),  # dD per sample
     jax.ShapeDtypeStruct((batch, channels), f32),  # dbias per sample
   ]
@@ -117,7 +127,12 @@ def _backward(cfg, res, g):
   out_specs += [s["block_partial"], s["block_partial"], s["per_sample_param"]]
   out_specs += [s["per_sample_vec"], s["per_sample_vec"]]
   kernel = functools.partial(
-    kernels.backward_kernel, length=length, chunk=cfg.chunk, softplus=cfg.softplus, has_z=has_z
+    kernels.backward_kernel,
+    length=length,
+    chunk=cfg.chunk,
+    softplus=cfg.softplus,
+    has_z=has_z,
+    prefetch=cfg.bwd_prefetch,
   )
   outs = pl.pallas_call(
     kernel,
@@ -125,7 +140,7 @@ def _backward(cfg, res, g):
     grid=(batch, num_blocks),
     in_specs=in_specs,
     out_specs=tuple(out_specs),
-    compiler_params=_compiler_params(cfg),
+    compiler_params=_compiler_params(cfg, cfg.bwd_num_warps),
     interpret=cfg.interpret,
     name="selective_scan_bwd",
   )(*ins)
@@ -167,32 +182,39 @@ def _pad_axis(x, axis, size):
 
 def selective_scan_pallas(
   u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
-  num_warps=None, interpret=None,
+  num_warps=1, bwd_block_d=None, bwd_num_warps=1, prefetch=True, bwd_prefetch=False,
+  interpret=None,
 ):  # fmt: skip
   """Fused selective scan; same arguments and result as `scan.selective_scan`.
 
-  Channels are padded to a multiple of `block_d` and states to a power of two with zeros
+  Channels are padded to a multiple of the block sizes and states to a power of two with zeros
   (A = 0, B = C = 0: the padded states stay 0 and contribute nothing), then sliced off.
   """
   batch, length, channels = u.shape
   state = A.shape[1]
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
+  block_d = block_d or default_block_d(batch, channels)
   cfg = KernelConfig(
-    block_d=block_d or default_block_d(batch, channels),
-    num_warps=num_warps or 1,
+    block_d=block_d,
+    num_warps=num_warps,
+    bwd_block_d=bwd_block_d or min(block_d, 8),
+    bwd_num_warps=bwd_num_warps,
+    prefetch=prefetch,
+    bwd_prefetch=bwd_prefetch,
     chunk=min(chunk_size or DEFAULT_CHUNK, length),
     softplus=delta_softplus,
     interpret=interpret,
   )
-  padded_d = -(-channels // cfg.block_d) * cfg.block_d
-  padded_n = pl.next_power_of_2(state)
+  block_lcm = math.lcm(cfg.block_d, cfg.bwd_block_d)
+  padded_d = -(-channels // block_lcm) * block_lcm
+  padded_n = 1 << (state - 1).bit_length()  # Triton tiles are powers of two
   if delta_bias is None:
     delta_bias = jnp.zeros((channels,), jnp.float32)
-  a2 = A.astype(jnp.float32) * kernels.LOG2_E  # exp(ΔA) = exp2(Δ·A·log2 e)
+  a2 = A.astype(jnp.float32).T * kernels.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)
   u, delta, z = (_pad_axis(x, 2, padded_d) for x in (u, delta, z))
   D, delta_bias = (_pad_axis(x, 0, padded_d) for x in (D, delta_bias))
-  a2 = _pad_axis(_pad_axis(a2, 0, padded_d), 1, padded_n)
+  a2 = _pad_axis(_pad_axis(a2, 1, padded_d), 0, padded_n)
   B, C = (_pad_axis(x, 2, padded_n) for x in (B, C))
   y = _fused_scan(cfg, u, delta, a2, B, C, D, delta_bias, z)  # (B, L, padded D)
   return y[..., :channels]

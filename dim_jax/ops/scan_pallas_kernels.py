@@ -16,7 +16,10 @@ chunk's decays and states in registers, then runs the adjoint recurrence
 backwards through the chunk, producing every input's gradient. dB and dC are sums over channels:
 each program writes its block's partial sum, and the caller adds the blocks.
 
-Refs carry the batch and channel-block dimensions squeezed: per-step rows are `ref[t]`.
+Refs carry the batch and channel-block dimensions squeezed: per-step rows are `ref[t]`. State
+tiles are (N, bd), channels last: on GPU consecutive lanes then hold consecutive channels (the rows
+are loaded coalesced) and each thread holds several states of one channel, so the sum over states
+that forms y is mostly inside a thread.
 """
 
 import jax
@@ -35,12 +38,13 @@ def _sigmoid(x):
   return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def _chunk_loop(length, chunk, reverse, load_rows, body, carry):
-  """Runs `body(index, start, count, rows, carry) -> carry` over chunks of time, prefetching rows.
+def _chunk_loop(length, chunk, reverse, prefetch, load_rows, body, carry):
+  """Runs `body(index, start, count, rows, carry) -> carry` over chunks of time.
 
-  Full chunks go through a `fori_loop` (forward or reverse order) whose carry holds the rows of the
-  chunk it computes next; a shorter last chunk (length % chunk steps) runs unrolled, after the full
-  chunks in forward order and before them in reverse order.
+  Full chunks go through a `fori_loop` (forward or reverse order); with `prefetch` its carry holds
+  the rows of the chunk it computes next (loaded one iteration ahead: latency hidden, registers
+  spent), else each iteration loads its own rows first. A shorter last chunk (length % chunk
+  steps) runs unrolled, after the full chunks in forward order and before them in reverse order.
   """
   num_full, tail = divmod(length, chunk)
 
@@ -48,6 +52,13 @@ def _chunk_loop(length, chunk, reverse, load_rows, body, carry):
     if num_full == 0:
       return carry
     first = num_full - 1 if reverse else 0
+
+    def step_loading(i, carry):
+      c = num_full - 1 - i if reverse else i
+      return body(c, c * chunk, chunk, load_rows(c * chunk, chunk), carry)
+
+    if not prefetch:
+      return jax.lax.fori_loop(0, num_full, step_loading, carry)
 
     def step(i, state):
       carry, rows = state
@@ -79,15 +90,17 @@ def _row_loader(refs):
   return load_rows
 
 
-def forward_kernel(*refs, length, chunk, softplus, has_z):
-  """Refs: u, delta, [z], B, C (rows per step), A·log2(e) (bd, N), D, bias (bd,); out: y, states."""
+def forward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
+  """Refs: u, delta, [z], B, C (rows per step), Aᵀ·log2(e) (N, bd), D, bias (bd,).
+
+  Outputs: y (rows), the state entering each chunk (num_chunks, N, bd)."""
   if has_z:
     u_ref, dt_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, s_ref = refs
     row_refs = (u_ref, dt_ref, b_ref, c_ref, z_ref)
   else:
     u_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, s_ref = refs
     row_refs = (u_ref, dt_ref, b_ref, c_ref)
-  a2 = a_ref[...]  # (bd, N) float32, A in base-2 exponent units
+  a2 = a_ref[...]  # (N, bd) float32, Aᵀ in base-2 exponent units
   d_skip = d_ref[...].astype(jnp.float32)  # (bd,)
   bias = bias_ref[...].astype(jnp.float32)
 
@@ -97,8 +110,8 @@ def forward_kernel(*refs, length, chunk, softplus, has_z):
     for row in rows:
       u, dt, b, c = row[:4]  # (bd,), (bd,), (N,), (N,)
       dt = _softplus(dt + bias) if softplus else dt + bias
-      h = jnp.exp2(dt[:, None] * a2) * h + (dt * u)[:, None] * b[None, :]  # (bd, N)
-      y = jnp.sum(h * c[None, :], axis=1) + d_skip * u
+      h = jnp.exp2(dt[None, :] * a2) * h + (dt * u)[None, :] * b[:, None]  # (N, bd)
+      y = jnp.sum(h * c[:, None], axis=0) + d_skip * u
       if has_z:
         z = row[4]
         y = y * z * _sigmoid(z)
@@ -108,12 +121,12 @@ def forward_kernel(*refs, length, chunk, softplus, has_z):
     return h
 
   h0 = jnp.zeros(a2.shape, jnp.float32)
-  _chunk_loop(length, chunk, False, _row_loader(row_refs), body, h0)
+  _chunk_loop(length, chunk, False, prefetch, _row_loader(row_refs), body, h0)
 
 
-def backward_kernel(*refs, length, chunk, softplus, has_z):
+def backward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
   """Refs: u, delta, [z], B, C, g (rows), A·log2(e), D, bias, states; out: du, dδ, [dz], dB, dC
-  (this block's partial sums), dA (bd, N), dD, dbias (bd,)."""
+  (this block's partial sums), dAᵀ (N, bd), dD, dbias (bd,)."""
   if has_z:
     (u_ref, dt_ref, z_ref, b_ref, c_ref, g_ref, a_ref, d_ref, bias_ref, s_ref,
      du_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref) = refs  # fmt: skip
@@ -122,13 +135,13 @@ def backward_kernel(*refs, length, chunk, softplus, has_z):
     (u_ref, dt_ref, b_ref, c_ref, g_ref, a_ref, d_ref, bias_ref, s_ref,
      du_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref) = refs  # fmt: skip
     row_refs = (u_ref, dt_ref, b_ref, c_ref, g_ref)
-  a2 = a_ref[...]  # (bd, N)
+  a2 = a_ref[...]  # (N, bd)
   a_nat = a2 * LN_2  # A itself, for d(decay)/dΔ = A·decay
   d_skip = d_ref[...].astype(jnp.float32)
   bias = bias_ref[...].astype(jnp.float32)
 
   def body(index, start, count, rows, carry):
-    dh, d_a, d_d, d_bias = carry  # (bd, N), (bd, N), (bd,), (bd,)
+    dh, d_a, d_d, d_bias = carry  # (N, bd), (N, bd), (bd,), (bd,)
     # Recompute the chunk from its saved start state: decays and states stay in registers.
     h_prev = s_ref[index]
     dts, pres, decays, states = [], [], [], []
@@ -136,8 +149,8 @@ def backward_kernel(*refs, length, chunk, softplus, has_z):
     for row in rows:
       u, pre, b = row[0], row[1] + bias, row[2]
       dt = _softplus(pre) if softplus else pre
-      decay = jnp.exp2(dt[:, None] * a2)
-      h = decay * h + (dt * u)[:, None] * b[None, :]
+      decay = jnp.exp2(dt[None, :] * a2)
+      h = decay * h + (dt * u)[None, :] * b[:, None]
       dts.append(dt), pres.append(pre), decays.append(decay), states.append(h)
     # Adjoint recurrence, last step first.
     for i in reversed(range(count)):
@@ -146,19 +159,19 @@ def backward_kernel(*refs, length, chunk, softplus, has_z):
       if has_z:
         z = rows[i][5]
         sig = _sigmoid(z)
-        y = jnp.sum(h * c[None, :], axis=1) + d_skip * u  # output before the gate
+        y = jnp.sum(h * c[:, None], axis=0) + d_skip * u  # output before the gate
         dz_ref[start + i] = (g * y * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
         gy = g * z * sig
       else:
         gy = g
-      dh = dh + gy[:, None] * c[None, :]  # d loss / d h_t
-      dc_ref[start + i] = jnp.sum(gy[:, None] * h, axis=0)
+      dh = dh + gy[None, :] * c[:, None]  # d loss / d h_t
+      dc_ref[start + i] = jnp.sum(gy[None, :] * h, axis=1)
       h_before = states[i - 1] if i > 0 else h_prev
       d_log_decay = dh * h_before * decay  # d loss / d(Δ_t A)
-      d_a = d_a + d_log_decay * dt[:, None]
-      dh_b = jnp.sum(dh * b[None, :], axis=1)  # (bd,)
-      d_dt = jnp.sum(d_log_decay * a_nat, axis=1) + u * dh_b
-      db_ref[start + i] = jnp.sum(dh * (dt * u)[:, None], axis=0)
+      d_a = d_a + d_log_decay * dt[None, :]
+      dh_b = jnp.sum(dh * b[:, None], axis=0)  # (bd,)
+      d_dt = jnp.sum(d_log_decay * a_nat, axis=0) + u * dh_b
+      db_ref[start + i] = jnp.sum(dh * (dt * u)[None, :], axis=1)
       du_ref[start + i] = (dt * dh_b + d_skip * gy).astype(du_ref.dtype)
       d_pre = d_dt * _sigmoid(pres[i]) if softplus else d_dt
       ddt_ref[start + i] = d_pre.astype(ddt_ref.dtype)
@@ -170,7 +183,7 @@ def backward_kernel(*refs, length, chunk, softplus, has_z):
   zeros = jnp.zeros(a2.shape, jnp.float32)
   zeros_d = jnp.zeros(d_skip.shape, jnp.float32)
   _, d_a, d_d, d_bias = _chunk_loop(
-    length, chunk, True, _row_loader(row_refs), body, (zeros, zeros, zeros_d, zeros_d)
+    length, chunk, True, prefetch, _row_loader(row_refs), body, (zeros, zeros, zeros_d, zeros_d)
   )
   da_ref[...] = d_a
   dd_ref[...] = d_d

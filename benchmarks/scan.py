@@ -1,0 +1,363 @@
+"""Selective-scan benchmark (issue 3): every impl's forward and forward+backward time per shape,
+beside the exponential floor, the byte floor and the same-token-count cuDNN attention.
+
+Shapes (L, D, N, batch) are DiM-H's at 256², 512², 1024², 1536² (pads included), the 1536² goal
+shape without pads, and DiM-S/L widths at 256². Inputs u, δ, B, C, z in bf16; A, D, bias fp32.
+
+  exp floor   batch·L·D·N exponentials over 132 SMs x 16 SFU lanes x 1.98 GHz (4.18 T/s);
+              forward+backward counts them twice (the backward recomputes the decays)
+  byte floor  each input read once and each output written once, over the copy bandwidth
+              measured here (fwd: u, δ, z, B, C in, y out; bwd adds g in, du, dδ, dz, dB, dC out)
+  kept        bytes the VJP keeps for the backward beyond the inputs themselves
+  temp        XLA's temporary buffers of the compiled forward+backward
+
+Usage (repo root): PYTHONPATH=. python3 benchmarks/scan.py [--part tune|table|all] [--out DIR]
+  [--results benchmarks/RESULTS.md] [--budget SECONDS] [--quick]
+Only jax and numpy are needed.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dim_jax.ops import scan_pallas
+from dim_jax.ops.scan import selective_scan
+
+EXP_RATE = 132 * 16 * 1.98e9  # H200 special-function-unit exponentials per second
+SHAPES = [  # (name, L, D, N, batch)
+  ("H 256²", 366, 3072, 16, 64),
+  ("H 512²", 1230, 3072, 16, 8),
+  ("H 1024²", 4494, 3072, 16, 4),
+  ("H 1536²", 9806, 3072, 16, 1),
+  ("H 1536² no pads (goal)", 9216, 3072, 16, 1),
+  ("S 256²", 366, 1024, 16, 64),
+  ("L 256²", 366, 2048, 16, 64),
+]
+# Official CUDA kernel on one H200 (reference/selective-scan.md §7), bf16, fwd / fwd+bwd ms.
+OFFICIAL = {
+  (366, 64): (2.8, 9.6),
+  (1230, 8): (1.4, 6.1),
+  (4494, 4): (2.1, 9.6),
+  (9216, 1): (0.92, 4.2),
+}
+SMOKE = False  # --smoke: tiny shapes, for checking the script on a CPU
+SMOKE_SHAPES = [("smoke", 37, 64, 16, 2)]
+SMOKE_SWEEPS = {(37, 2): dict(fwd=[(8, 1, 16), (16, 1, 8)], bwd=[(4, 1, True)])}
+# Pallas launch parameters tried at the goal shapes, (L, batch): forward (block_d, warps, chunk),
+# backward (block_d, warps, prefetch).
+TUNE_SWEEPS = {
+  (9216, 1): dict(
+    fwd=[(8, 1, 16), (8, 1, 8), (4, 1, 8), (16, 1, 8), (16, 2, 8), (32, 1, 8), (8, 1, 32)],
+    bwd=[(4, 1, False), (16, 1, False), (8, 2, False), (8, 1, True)],
+  ),
+  (366, 64): dict(
+    fwd=[(32, 1, 8), (16, 1, 8), (8, 1, 8), (32, 2, 8), (64, 2, 8)],
+    bwd=[(16, 1, False), (32, 1, False), (32, 2, False)],
+  ),
+}
+START = time.perf_counter()
+
+
+def log(rec, out_dir):
+  print(json.dumps(rec), flush=True)
+  with open(os.path.join(out_dir, "scan_results.jsonl"), "a") as f:
+    f.write(json.dumps(rec) + "\n")
+
+
+def inputs(length, channels, state, batch, dtype=jnp.bfloat16, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 9)
+  shape, shape_n = (batch, length, channels), (batch, length, state)
+  return dict(
+    u=jax.random.normal(keys[0], shape, dtype),
+    delta=(jax.random.normal(keys[1], shape) - 2.0).astype(dtype),
+    A=-jnp.exp(jax.random.uniform(keys[2], (channels, state), minval=0.0, maxval=2.7)),
+    B=jax.random.normal(keys[3], shape_n, dtype),
+    C=jax.random.normal(keys[4], shape_n, dtype),
+    D=jax.random.normal(keys[5], (channels,)),
+    delta_bias=0.5 * jax.random.normal(keys[6], (channels,)),
+    z=jax.random.normal(keys[7], shape, dtype),
+    g=jax.random.normal(keys[8], shape, dtype),
+  )
+
+
+ARGS = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")
+
+
+def make_fns(impl, **kwargs):
+  """(forward, forward+backward) jitted functions of the ARGS tuple plus the cotangent g."""
+
+  def fwd(u, delta, A, B, C, D, delta_bias, z):
+    if impl == "pallas":
+      return scan_pallas.selective_scan_pallas(
+        u, delta, A, B, C, D, delta_bias, True, z, kwargs.get("chunk"),
+        **{k: v for k, v in kwargs.items() if k != "chunk"},
+      )  # fmt: skip
+    return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, z=z, impl=impl)
+
+  def loss(args, g):
+    return jnp.sum(fwd(*args).astype(jnp.float32) * g.astype(jnp.float32))
+
+  return jax.jit(fwd), jax.jit(jax.grad(loss)), fwd
+
+
+def timed(fn, *args, target_s=0.05):
+  """Median seconds per call: calls issued back to back, synchronised once per batch."""
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  one = time.perf_counter() - t0
+  reps = max(1, min(200, int(target_s / max(one, 1e-6))))
+  samples = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / reps)
+  return float(np.median(samples)), float(np.std(samples) / np.median(samples))
+
+
+def rel_err(x, ref):
+  x, ref = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, ref))
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def copy_bandwidth():
+  x = jnp.arange(2**20 if SMOKE else 2**29, dtype=jnp.float32)  # 2 GiB
+  t, _ = timed(jax.jit(lambda a: a + 1.0), x)
+  return 2 * x.nbytes / t
+
+
+def floors(length, channels, state, batch, bandwidth):
+  bld, bln = batch * length * channels * 2, batch * length * state * 2  # bf16 bytes
+  fwd_bytes = 4 * bld + 2 * bln
+  bwd_bytes = (4 * bld + 2 * bln) + (3 * bld + 2 * bln)
+  exps = batch * length * channels * state
+  return dict(
+    exp_fwd=exps / EXP_RATE, exp_fb=2 * exps / EXP_RATE,
+    byte_fwd=fwd_bytes / bandwidth, byte_fb=(fwd_bytes + bwd_bytes) / bandwidth,
+  )  # fmt: skip
+
+
+def kept_bytes(fn, args):
+  """Bytes of the VJP residuals that are not the inputs themselves."""
+  _, vjp = jax.vjp(fn, *args)
+  ptrs = {a.unsafe_buffer_pointer() for a in args}
+  total = 0
+  for leaf in jax.tree.leaves(vjp):
+    if isinstance(leaf, jax.Array) and leaf.unsafe_buffer_pointer() not in ptrs:
+      total += leaf.nbytes
+  return total
+
+
+def measure(name, impl, shape, x, out_dir, check=None, memory=True, **kwargs):
+  """Times forward and forward+backward of one impl at one shape; logs one record."""
+  length, channels, state, batch = shape
+  fwd, grad, raw = make_fns(impl, **kwargs)
+  args = tuple(x[k] for k in ARGS)
+  rec = dict(kind="time", shape=name, impl=impl, L=length, D=channels, N=state, batch=batch)
+  rec.update({k: v for k, v in kwargs.items()})
+  try:
+    t0 = time.perf_counter()
+    fwd_s, rec["fwd_spread"] = timed(fwd, *args)
+    rec["fwd_ms"] = fwd_s * 1e3
+    rec["fwd_first_s"] = time.perf_counter() - t0
+    if check is not None:
+      rec["fwd_rel_err_vs_chunked"] = rel_err(fwd(*args), check["out"])
+    t0 = time.perf_counter()
+    fb = timed(grad, args, x["g"])
+    rec["fb_ms"], rec["fb_spread"] = fb[0] * 1e3, fb[1]
+    rec["fb_first_s"] = time.perf_counter() - t0
+    if check is not None and "grads" in check:
+      grads = grad(args, x["g"])
+      rec["grad_rel_err_vs_chunked"] = max(
+        rel_err(a, b) for a, b in zip(grads, check["grads"], strict=True)
+      )
+    if memory:
+      mem = grad.lower(args, x["g"]).compile().memory_analysis()
+      rec["fb_temp_gb"] = mem.temp_size_in_bytes / 1e9
+      rec["kept_gb"] = kept_bytes(raw, args) / 1e9
+  except Exception as e:  # noqa: BLE001 (one failing variant must not stop the sweep)
+    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+  log(rec, out_dir)
+  return rec
+
+
+def attention_ms(length, channels, batch, out_dir, name):
+  heads = channels // 2 // 64  # model width = channels / 2, head dim 64
+  keys = jax.random.split(jax.random.key(1), 4)
+  q, k, v, g = (jax.random.normal(kk, (batch, length, heads, 64), jnp.bfloat16) for kk in keys)
+  rec = dict(kind="attention", shape=name, L=length, heads=heads, batch=batch)
+  try:
+    att = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    rec["fwd_ms"] = timed(att, q, k, v)[0] * 1e3
+    fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(att(q, k, v) * g), argnums=(0, 1, 2)))
+    rec["fb_ms"] = timed(fb, q, k, v)[0] * 1e3
+  except Exception as e:  # noqa: BLE001
+    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+  log(rec, out_dir)
+  return rec
+
+
+def check_small(out_dir):
+  """Every impl against the sequential reference on the GPU: fp32 and bf16 inputs, all grads."""
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+    x = inputs(45 if SMOKE else 1030, 24 if SMOKE else 512, 16, 2, dtype, seed=3)
+    args = tuple(x[k] for k in ARGS)
+    want_f, want_g, _ = make_fns("reference")
+    want_out, want_grads = want_f(*args), want_g(args, x["g"])
+    for impl, kw in [("associative", {}), ("chunked", {}), ("pallas", {})]:
+      f, gfn, _ = make_fns(impl, **kw)
+      rec = dict(kind="check", impl=impl, dtype=jnp.dtype(dtype).name, tol=tol)
+      try:
+        errs = {"out": rel_err(f(*args), want_out)}
+        grads = gfn(args, x["g"])
+        errs.update(
+          {f"d{k}": rel_err(a, b) for k, a, b in zip(ARGS, grads, want_grads, strict=True)}
+        )
+        rec.update(errs, ok=all(v <= tol for v in errs.values()))
+      except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      log(rec, out_dir)
+
+
+def over_budget(budget):
+  return time.perf_counter() - START > budget
+
+
+def tune(out_dir, budget):
+  """Pallas launch parameters at the two goal shapes: forward (block_d, warps, chunk) first, then
+  the backward's (block_d, warps, prefetch) with the best forward."""
+  sweeps = SMOKE_SWEEPS if SMOKE else TUNE_SWEEPS
+  best = {}
+  for (length, batch), sweep in sweeps.items():
+    shape = (length, 64 if SMOKE else 3072, 16, batch)
+    x = inputs(*shape)
+    name = f"tune L={length} b={batch}"
+    _, ref_grad, _ = make_fns("chunked")
+    args = tuple(x[k] for k in ARGS)
+    check = dict(out=jax.jit(make_fns("chunked")[2])(*args), grads=ref_grad(args, x["g"]))
+    fwd_best = None
+    for bd, nw, chunk in sweep["fwd"]:
+      if over_budget(budget):
+        break
+      kw = dict(block_d=bd, num_warps=nw, chunk=chunk, bwd_block_d=8, bwd_num_warps=1)
+      rec = measure(name, "pallas", shape, x, out_dir, check=check, memory=False, **kw)
+      if "fwd_ms" in rec and (fwd_best is None or rec["fwd_ms"] < fwd_best[0]):
+        fwd_best = (rec["fwd_ms"], bd, nw, chunk, rec.get("fb_ms"))
+    if fwd_best is None:
+      continue
+    _, bd, nw, chunk, fb_ms = fwd_best
+    bwd_best = (fb_ms, 8, 1, False) if fb_ms else None
+    for bbd, bnw, bpf in sweep["bwd"]:
+      if over_budget(budget):
+        break
+      kw = dict(block_d=bd, num_warps=nw, chunk=chunk, bwd_block_d=bbd, bwd_num_warps=bnw)
+      rec = measure(
+        name, "pallas", shape, x, out_dir, check=check, memory=False, bwd_prefetch=bpf, **kw
+      )
+      if "fb_ms" in rec and (bwd_best is None or rec["fb_ms"] < bwd_best[0]):
+        bwd_best = (rec["fb_ms"], bbd, bnw, bpf)
+    best[(length, batch)] = dict(block_d=bd, num_warps=nw, chunk=chunk)
+    if bwd_best:
+      best[(length, batch)].update(
+        bwd_block_d=bwd_best[1], bwd_num_warps=bwd_best[2], bwd_prefetch=bwd_best[3]
+      )
+    log(dict(kind="best", L=length, batch=batch, **best[(length, batch)]), out_dir)
+  return best
+
+
+def table(out_dir, budget, bandwidth, quick, impls):
+  rows = []
+  shapes = SMOKE_SHAPES if SMOKE else SHAPES[:2] if quick else SHAPES
+  for name, length, channels, state, batch in shapes:
+    shape = (length, channels, state, batch)
+    x = inputs(*shape)
+    args = tuple(x[k] for k in ARGS)
+    fl = floors(*shape, bandwidth)
+    att = attention_ms(length, channels, batch, out_dir, name)
+    check = dict(out=jax.jit(make_fns("chunked")[2])(*args))
+    for impl in impls:
+      if over_budget(budget):
+        log(dict(kind="skipped", shape=name, impl=impl, why="time budget"), out_dir)
+        continue
+      rec = measure(name, impl, shape, x, out_dir, check=check if impl == "pallas" else None)
+      rows.append((rec, fl, att))
+  return rows
+
+
+def fmt(v, spec=".3f"):
+  return "–" if v is None else format(v, spec)
+
+
+def render(rows, bandwidth, device, command):
+  lines = [
+    f"## selective_scan (issue 3), {datetime.date.today()}, {device}",
+    f"Command: `{command}`. Copy bandwidth measured: {bandwidth / 1e12:.2f} TB/s. bf16 inputs, "
+    "fp32 state. Times in ms (median); floors: exp = exps / 4.18 T/s (fwd+bwd: twice), "
+    "byte = bytes once / copy bandwidth; 'of floor' = floor / time. Official CUDA kernel from "
+    "reference/selective-scan.md §7 (measured there, not here).",
+    "",
+    "| shape (L, D, N, batch) | impl | fwd | fwd+bwd | exp floor fwd / f+b "
+    "| of exp floor fwd / f+b | byte floor fwd / f+b | of byte floor fwd / f+b | kept GB "
+    "| f+b temp GB | cuDNN attn fwd / f+b | official fwd / f+b |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for rec, fl, att in rows:
+    shape = f"{rec['shape']} ({rec['L']}, {rec['D']}, {rec['N']}, {rec['batch']})"
+    if "error" in rec:
+      lines.append(f"| {shape} | {rec['impl']} | error: {rec['error'][:80]} |" + " |" * 10)
+      continue
+    f, b = rec.get("fwd_ms"), rec.get("fb_ms")
+    ef, eb, bf, bb = (fl[k] * 1e3 for k in ("exp_fwd", "exp_fb", "byte_fwd", "byte_fb"))
+    off = OFFICIAL.get((rec["L"], rec["batch"])) if rec["D"] == 3072 else None
+    lines.append(
+      f"| {shape} | {rec['impl']} | {fmt(f)} | {fmt(b)} | {ef:.3f} / {eb:.3f} "
+      f"| {fmt(ef / f if f else None, '.0%')} / {fmt(eb / b if b else None, '.0%')} "
+      f"| {bf:.3f} / {bb:.3f} | {fmt(bf / f if f else None, '.0%')} / "
+      f"{fmt(bb / b if b else None, '.0%')} | {fmt(rec.get('kept_gb'), '.2f')} "
+      f"| {fmt(rec.get('fb_temp_gb'), '.2f')} | {fmt(att.get('fwd_ms'))} / {fmt(att.get('fb_ms'))} "
+      f"| {f'{off[0]} / {off[1]}' if off else '–'} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--part", default="all", choices=["tune", "table", "all"])
+  p.add_argument("--out", default=os.environ.get("OUT", "/tmp/scan_bench"))
+  p.add_argument("--results", default=None, help="append the table to this RESULTS.md")
+  p.add_argument("--budget", type=float, default=540.0, help="seconds before skipping the rest")
+  p.add_argument("--quick", action="store_true", help="first two shapes only")
+  p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script on a CPU)")
+  p.add_argument("--impls", default="pallas,reference,associative,chunked", help="table's impls")
+  a = p.parse_args()
+  global SMOKE
+  SMOKE = a.smoke
+  os.makedirs(a.out, exist_ok=True)
+  device = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
+  bandwidth = copy_bandwidth()
+  log(dict(kind="device", device=device, copy_tb_s=bandwidth / 1e12), a.out)
+  if a.part in ("tune", "all"):
+    check_small(a.out)
+    tune(a.out, a.budget)
+  if a.part in ("table", "all"):
+    rows = table(a.out, a.budget, bandwidth, a.quick, a.impls.split(","))
+    text = render(rows, bandwidth, device, "PYTHONPATH=. python3 " + " ".join(sys.argv))
+    print(text, flush=True)
+    with open(os.path.join(a.out, "RESULTS_block.md"), "w") as f:
+      f.write(text)
+    if a.results:
+      with open(a.results, "a") as f:
+        f.write("\n" + text)
+
+
+if __name__ == "__main__":
+  main()
