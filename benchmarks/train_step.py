@@ -1,0 +1,147 @@
+"""Training-step throughput, model FLOP utilisation and peak memory of DiM on one accelerator.
+
+The step is train.make_train_step exactly (ε-MSE, clipped AdamW, EMA), jitted with donation, on
+random latents (256²: 32×32×4) and labels. Model FLOPs per image are counted analytically
+(`dim_jax/models/flops.py`, all matmuls, convs and the scan's elementwise work) times 3 for the
+forward and backward passes; rematerialised recomputation is not counted, as usual for MFU. The
+bound is the bf16 matmul rate measured in the same run. Also: the largest batch that fits for
+DiM-H/2 at 512² and 1024² (tried from a list, largest first).
+
+  python -m benchmarks.train_step                      # GPU: DiM-S/L/H at 256², batch search
+  python -m benchmarks.train_step --tiny               # CPU smoke run
+"""
+
+import argparse
+import datetime
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from configs import pretrain_256
+from dim_jax import diffusion, train
+from dim_jax.models import dim_preset
+from dim_jax.models.flops import dim_flops
+
+
+def config_for(variant: str, image: int, batch: int, remat: bool, scan_impl: str, tiny: bool):
+  c = pretrain_256.get_config()
+  c.model.update(input_size=image // 8, remat=remat, scan_impl=scan_impl)
+  if tiny:
+    c.model.update(variant=None, width=32, depth=5, patch_size=2, dtype="float32")
+  else:
+    c.model.variant = variant
+  c.train.batch_size = batch
+  return c
+
+
+def matmul_rate(n: int) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times)
+
+
+def time_step(config, iters: int):
+  """Median seconds per step, peak bytes, or (None, error) when it does not fit."""
+  graphdef, init_state, tx, lr = train.build_state(config)
+  step = jax.jit(
+    train.make_train_step(config, graphdef, tx, lr, diffusion.create_schedule(config.diffusion)),
+    donate_argnums=(0,),
+  )
+  size = config.model.input_size
+  batch = {
+    "image": jax.random.normal(jax.random.key(1), (config.train.batch_size, size, size, 4)),
+    "label": jnp.arange(config.train.batch_size, dtype=jnp.int32) % 1000,
+  }
+  try:
+    state = jax.jit(init_state)()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(iters):
+      t = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+  except Exception as e:  # out of memory and friends: report, do not stop the table
+    return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+  stats = jax.devices()[0].memory_stats() or {}
+  return statistics.median(times), stats.get("peak_bytes_in_use", 0)
+
+
+def main(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--variants", default="S/2,L/2,H/2")
+  p.add_argument("--batch", type=int, default=64, help="per-device batch at 256²")
+  p.add_argument("--remat", default="0,1", help="remat settings to time (0/1)")
+  p.add_argument("--scan-impl", default="auto")
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--search", default="512:32,24,16,12,8;1024:8,6,4,2,1")
+  p.add_argument("--tiny", action="store_true")
+  p.add_argument("--results", default="benchmarks/RESULTS.md")
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.variants, args.batch, args.iters, args.search = "S/2", 4, 2, "64:4,2"
+  peak = matmul_rate(256 if args.tiny else 8192)
+  device = f"{jax.devices()[0].device_kind} ×{jax.device_count()}"
+  rows = [
+    f"| model | remat | batch | step ms | img/s | model TFLOP/s | MFU vs {peak / 1e12:.0f} TFLOP/s "
+    "measured bf16 matmul | peak GiB |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for variant in args.variants.split(","):
+    for remat in [bool(int(r)) for r in args.remat.split(",")]:
+      config = config_for(variant, 256, args.batch, remat, args.scan_impl, args.tiny)
+      arch = dict(width=config.model.width, depth=config.model.depth)
+      if not args.tiny:
+        arch = {k: v for k, v in dim_preset(variant).items() if k != "patch_size"}
+      flops = 3 * dim_flops(grid=(16, 16), patch_size=2, in_channels=4, **arch).total
+      seconds, peak_bytes = time_step(config, args.iters)
+      if seconds is None:
+        rows.append(f"| DiM-{variant} | {remat} | {args.batch} | {peak_bytes} | | | | |")
+      else:
+        achieved = flops * args.batch / seconds
+        rows.append(
+          f"| DiM-{variant} | {remat} | {args.batch} | {seconds * 1e3:.1f} | "
+          f"{args.batch / seconds:.1f} | {achieved / 1e12:.1f} | {achieved / peak:.1%} | "
+          f"{peak_bytes / 2**30:.1f} |"
+        )
+      print(rows[-1], flush=True)
+  rows += [
+    "",
+    "| model | image | largest batch that trains (remat on) | step ms |",
+    "| --- | --- | --- | --- |",
+  ]
+  for item in args.search.split(";"):
+    image, batches = item.split(":")
+    for batch in [int(b) for b in batches.split(",")]:
+      config = config_for("H/2", int(image), batch, True, args.scan_impl, args.tiny)
+      seconds, _ = time_step(config, 2)
+      if seconds is not None:
+        rows.append(f"| DiM-H/2 | {image}² | {batch} | {seconds * 1e3:.0f} |")
+        break
+    else:
+      rows.append(f"| DiM-H/2 | {image}² | none of {batches} | |")
+    print(rows[-1], flush=True)
+  table = "\n".join(rows)
+  print(table)
+  header = (
+    f"\n## Training step ({datetime.date.today()}, {device}, jax {jax.__version__})\n\n"
+    f"`python -m benchmarks.train_step {' '.join(argv)}`\n\n"
+  )
+  if not args.tiny:
+    with pathlib.Path(args.results).open("a") as f:
+      f.write(header + table + "\n")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
