@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Cloud TPU VMs and pods for dim_jax, driven with gcloud from your workstation.
 #
 # A pod runs one Python process per host, and every host must start the same command at once
@@ -6,9 +7,10 @@
 # stale-holder clean-up in `stop` follows MaxText's multihost runner; the per-host set-up follows
 # big_vision's run_tpu.sh. Usage text below; `--dry-run` prints each command instead of running it.
 set -euo pipefail
-# Bash >= 3.2 (macOS's /bin/bash too): empty arrays expand as ${a[@]+"${a[@]}"} under `set -u`.
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=common.sh
+source "$REPO/launch/common.sh"
 REMOTE_TARBALL="dim_jax-src.tar.gz"
 STOP_GRACE_S=120 # how long `stop` waits for a run to checkpoint after SIGTERM
 
@@ -63,28 +65,6 @@ Example (a v5p-128 pod: 64 chips, 16 hosts):
   launch/tpu.sh logs
   launch/tpu.sh stop && launch/tpu.sh delete --queued
 EOF
-}
-
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Prints one argument so that a POSIX shell reads it back unchanged.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "$arg")"
-  done
-  printf '%s' "$out"
 }
 
 # Runs a command, or with --dry-run prints it (one line, shell-quoted) instead.
@@ -232,19 +212,6 @@ WORKER=0
 ENV_VARS=()
 MAIN_ARGS=()
 COMMAND=""
-
-# Value of an option given as `--opt=VALUE` or `--opt VALUE`; sets SHIFT to the words used.
-option_value() {
-  if [[ $1 == *=* ]]; then
-    VALUE="${1#*=}"
-    SHIFT=1
-  else
-    (($# >= 2)) || die "$1 needs a value"
-    VALUE="$2"
-    SHIFT=2
-  fi
-  [[ -n $VALUE ]] || die "${1%%=*} needs a non-empty value"
-}
 
 while (($#)); do
   SHIFT=1
