@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # One host's Python environment for dim_jax: a Python >= 3.12 venv in .venv with JAX for this
 # host's accelerator plus requirements.txt. Idempotent: a second run with the same requirements
 # and accelerator does nothing, so `launch/tpu.sh setup` can run it on every worker of a pod.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=common.sh
+source "$REPO/launch/common.sh"
 VENV="$REPO/.venv"
 
 usage() {
@@ -16,11 +19,6 @@ requirements.txt. Without an argument the accelerator is detected: a TPU VM (/de
 /dev/vfio/*) gives tpu; nvidia-smi gives cuda13 for drivers >= 580 and cuda12 below; else cpu.
 When no Python >= 3.12 is installed (TPU VM images ship 3.10), uv (from PyPI) provides one.
 EOF
-}
-
-die() {
-  echo "error: $*" >&2
-  exit 2
 }
 
 DRY_RUN=0
