@@ -112,8 +112,10 @@ first_slurm_host() {
   echo "$first"
 }
 
-free_port() {
-  "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+free_port() { # python3 rather than $PYTHON, which may be a wrapper script
+  local python
+  python="$(command -v python3 || echo "$PYTHON")"
+  "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])'
 }
 

@@ -36,6 +36,9 @@ Commands:
                   storage every host sees (gs://...). Paths are relative to DIR on the workers.
   logs [--worker=N|all]
                   stream the latest run's log (default: worker 0, which logs the metrics)
+  exec [--worker=N|all] -- COMMAND...
+                  run a shell command in DIR on the workers (default: all), e.g. to fetch data:
+                  exec -- gcloud storage cp -r gs://BUCKET/latents .
   stop            on every worker: SIGTERM the latest run (it saves a checkpoint; waits up to
                   120 s), then kill -9 any process still holding the TPU (/dev/accel*,
                   /dev/vfio/*) and remove /tmp/libtpu_lockfile. Run it before `run`
@@ -173,7 +176,12 @@ cmd_run() {
 }
 
 cmd_logs() {
-  on_workers "$WORKER" "tail -n 200 -F $(quote "$REMOTE_DIR")/logs/latest.log"
+  on_workers "${WORKER:-0}" "tail -n 200 -F $(quote "$REMOTE_DIR")/logs/latest.log"
+}
+
+cmd_exec() {
+  ((${#MAIN_ARGS[@]})) || die "exec needs a command: launch/tpu.sh exec -- COMMAND..."
+  on_workers "${WORKER:-all}" "cd $(quote "$REMOTE_DIR") && ${MAIN_ARGS[*]}"
 }
 
 cmd_stop() {
@@ -208,7 +216,7 @@ QUEUED=0
 PROVISIONING=()
 GIT_URL=""
 GIT_REF="HEAD"
-WORKER=0
+WORKER=""
 ENV_VARS=()
 MAIN_ARGS=()
 COMMAND=""
@@ -240,14 +248,15 @@ while (($#)); do
       break
       ;;
     -*)
-      [[ $COMMAND == run ]] || die "unknown option '$1' (see launch/tpu.sh --help)"
+      [[ $COMMAND == run || $COMMAND == exec ]] ||
+        die "unknown option '$1' (see launch/tpu.sh --help)"
       MAIN_ARGS+=("$1") # a dim_jax.main flag
       ;;
     *)
       if [[ -z $COMMAND ]]; then
         COMMAND="$1"
-      elif [[ $COMMAND == run ]]; then
-        MAIN_ARGS+=("$1") # the value of a `--flag VALUE` pair
+      elif [[ $COMMAND == run || $COMMAND == exec ]]; then
+        MAIN_ARGS+=("$1") # the value of a `--flag VALUE` pair, or a word of the command
       else
         die "unexpected argument '$1' after '$COMMAND' (see launch/tpu.sh --help)"
       fi
@@ -261,10 +270,10 @@ done
   exit 2
 }
 [[ -n $NAME ]] || die "no TPU name: pass --name=NAME or set DIM_TPU_NAME"
-((${#MAIN_ARGS[@]} == 0)) || [[ $COMMAND == run ]] ||
-  die "dim_jax.main flags (${MAIN_ARGS[*]}) only go with 'run'"
+((${#MAIN_ARGS[@]} == 0)) || [[ $COMMAND == run || $COMMAND == exec ]] ||
+  die "unexpected arguments '${MAIN_ARGS[*]}' after '$COMMAND' (see launch/tpu.sh --help)"
 
 case "$COMMAND" in
-  create | status | copy | setup | run | logs | stop | delete) "cmd_$COMMAND" ;;
-  *) die "unknown command '$COMMAND'; one of: create status copy setup run logs stop delete" ;;
+  create | status | copy | setup | run | logs | exec | stop | delete) "cmd_$COMMAND" ;;
+  *) die "unknown command '$COMMAND'; one of: create status copy setup run logs exec stop delete" ;;
 esac

@@ -189,6 +189,8 @@ def test_tpu_copy_ships_the_files_git_keeps_and_setup_runs_on_all_workers(tmp_pa
   (setup,) = _commands(_run(TPU_SH, "--dry-run", "--name=pod", "setup").stdout)
   assert "--worker=all" in setup
   assert _option(setup, "--command") == "cd dim_jax && bash launch/setup_host.sh tpu"
+  (cmd,) = _commands(_run(TPU_SH, "--dry-run", "--name=pod", "exec", "--", "ls", "-la").stdout)
+  assert "--worker=all" in cmd and _option(cmd, "--command") == "cd dim_jax && ls -la"
 
 
 def test_tpu_stop_terminates_the_run_then_kills_tpu_holders(tmp_path):
