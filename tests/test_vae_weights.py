@@ -23,6 +23,7 @@ from flax import nnx
 
 from dim_jax.models import vae_weights
 from dim_jax.models.vae import AutoencoderKL, VAEConfig
+from dim_jax.tools import convert_vae
 
 SD = VAEConfig()
 TINY = VAEConfig(block_out_channels=(8, 16, 16, 16), norm_groups=4)
@@ -460,3 +461,20 @@ def test_load_vae_from_files(tmp_path, monkeypatch):
   (tmp_path / "junk.bin").write_bytes(os.urandom(64))
   with pytest.raises(ValueError, match="neither a safetensors file nor a torch zip"):
     vae_weights.load_vae(str(tmp_path / "junk.bin"), config=TINY)
+
+
+def test_convert_cli_rewrites_an_ldm_checkpoint_as_diffusers_safetensors(tmp_path, capsys):
+  rng, seed = _rng()
+  ldm = random_state_dict(ldm_shapes(SD), rng, np.float16)
+  vae_weights.write_safetensors(str(tmp_path / "ldm.safetensors"), ldm)
+  assert (
+    convert_vae.main([str(tmp_path / "ldm.safetensors"), str(tmp_path / "out.safetensors")]) == 0
+  )
+  assert "ldm names, 248 tensors (float16), 83,653,863 parameters: OK" in capsys.readouterr().out
+  written = vae_weights.read_safetensors(str(tmp_path / "out.safetensors"))
+  assert set(written) == set(diffusers_shapes(SD))
+  assert all(v.dtype == np.float32 for v in written.values())
+  back = vae_weights.export_state_dict(
+    vae_weights.load_vae(str(tmp_path / "out.safetensors")), "ldm"
+  )
+  assert all(np.array_equal(back[k], v.astype(np.float32)) for k, v in ldm.items()), seed
