@@ -51,10 +51,10 @@ def test_checkpoint_saved_on_eight_devices_restores_on_four(tmp_path):
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
-  straight = _train(tmp_path / "straight", 8, 1, 1, 1, tmp_path / "straight.npz")
+  straight = _train(tmp_path / "straight", 16, 1, 1, 1, tmp_path / "straight.npz")
   work = tmp_path / "killed"
   proc = _train(
-    work, 8, 1, 1, 1, tmp_path / "unused.npz", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    work, 16, 1, 1, 1, tmp_path / "unused.npz", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
   deadline = time.time() + 240
   while time.time() < deadline and not (work / "checkpoints" / "4").exists():
