@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dim_jax import checkpoint, data, diffusion, metrics, parallel, sample
 from dim_jax.models import create_model
@@ -73,13 +74,25 @@ class _StopSignal:
   """Turns SIGTERM (preemption) into a flag the loop checks: save, then exit cleanly."""
 
   def __init__(self):
-    self.received = False
+    self.received = False  # this process got the signal
+    self.stopping = False  # all processes agreed to stop at this step
     signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame
     logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
     self.received = True
+
+
+def stop_requested(stop: _StopSignal, step: int, every: int) -> bool:
+  """Whether to save and stop now. With several processes the signal reaches them at different
+  steps, so they agree (an all-gather every `every` steps) and stop at the same step together."""
+  if jax.process_count() == 1:
+    stop.stopping = stop.received
+  elif step % every == 0:
+    flags = multihost_utils.process_allgather(np.array(stop.received))
+    stop.stopping = bool(np.any(flags))
+  return stop.stopping
 
 
 def _eta(seconds: float) -> str:
@@ -259,7 +272,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, step_metrics = p_train_step(state, batch)
 
     due_log = step % config.train.log_every == 0 or step == num_steps
-    due_save = manager.should_save(step) or stop.received
+    stopping = stop_requested(stop, step, config.train.log_every)
+    due_save = manager.should_save(step) or stopping
     if due_log or due_save:  # never save a state whose loss is not finite
       step_metrics = jax.device_get(step_metrics)
       if not np.isfinite(step_metrics["loss"]):
@@ -288,11 +302,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       )
       t_last, step_last = now, step
 
-    if checkpoint.save(manager, step, state, train_iter, force=stop.received):
+    if checkpoint.save(manager, step, state, train_iter, force=stopping):
       last_good_step = step
     if config.train.sample_every and step % config.train.sample_every == 0:
       write_samples(config, workdir, graphdef, state, schedule, step, writer)
-    if stop.received:
+    if stopping:
       break
 
   # ---------------------------------------------------------------- Samples
@@ -301,7 +315,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpoint.save(manager, final_step, state, train_iter, force=True)
   manager.wait_until_finished()
   logging.info("Trained %d steps in %s", final_step - start_step, _eta(time.time() - t_start))
-  if not stop.received and config.sample.num_images > 0:
+  if not stop.stopping and config.sample.num_images > 0:
     write_samples(config, workdir, graphdef, state, schedule, final_step, writer)
   writer.flush()
   return state
