@@ -1,1 +1,25 @@
+"""Diffusion: schedules, the training objective, samplers and guidance.
 
+  schedule = diffusion.create_schedule(config.diffusion)
+  loss, metrics = diffusion.training_loss(denoise_fn, schedule, x0, labels, rng,
+                                          p_uncond=..., null_label=...)
+  x = diffusion.sample(denoise_fn, schedule, noise, labels, rng, sampler="ddim", steps=50,
+                       guidance_scale=1.4, null_label=...)
+
+denoise_fn(x_t (B, H, W, C), network time (B,), labels (B,)) -> ε̂ (B, H, W, C).
+"""
+
+from dim_jax.diffusion.guidance import guided_eps
+from dim_jax.diffusion.objective import training_loss
+from dim_jax.diffusion.samplers import SAMPLERS, sample, validate
+from dim_jax.diffusion.schedules import Schedule, create_schedule
+
+__all__ = [
+  "SAMPLERS",
+  "Schedule",
+  "create_schedule",
+  "guided_eps",
+  "sample",
+  "training_loss",
+  "validate",
+]
