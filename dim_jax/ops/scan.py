@@ -113,10 +113,16 @@ def _scan_chunked(u, dt, A, B, C, chunk_size):
 def _auto_impl() -> str:
   """Fastest correct impl for the default backend (measured: see `.notes/scan.md`).
 
-  On the CPU the sequential scan wins on compile and run time alike (B=8, L=366, D=128, N=16:
-  10 / 88 ms fwd / fwd+bwd against 32 / 115 ms for the best chunked and 65 / 173 ms associative).
+  CPU: the sequential scan wins on compile and run time alike (B=8, L=366, D=128, N=16: 10 / 88 ms
+  fwd / fwd+bwd against 32 / 115 ms for the best chunked and 65 / 173 ms associative).
+  GPU: the fused kernel (H200, L=9216, D=3072, batch 1: faster than chunked and ~50x less memory
+  than associative; figures in benchmarks/RESULTS.md).
+  TPU: chunked; the kernel runs there only in interpret mode so far (not measured on a TPU).
   """
-  return "reference" if jax.default_backend() == "cpu" else "chunked"
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "reference"
+  return "pallas" if backend == "gpu" else "chunked"
 
 
 def selective_scan(
@@ -145,7 +151,7 @@ def selective_scan(
     delta_softplus: apply softplus to δ + bias.
     z: gate, (batch, length, channels); the output is multiplied by SiLU(z).
     impl: one of `IMPLS`.
-    chunk_size: time steps per chunk for "chunked" (default 256) and "pallas" (default 16).
+    chunk_size: time steps per chunk for "chunked" (default 256) and "pallas" (default 8).
 
   Returns:
     (batch, length, channels) in u's dtype.

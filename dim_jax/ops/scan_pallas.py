@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 
 from dim_jax.ops import scan_pallas_kernels as kernels
 
-DEFAULT_CHUNK = 16  # time steps unrolled per loop iteration (and between saved states)
+DEFAULT_CHUNK = 8  # time steps unrolled per loop iteration (and between saved states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,10 @@ class KernelConfig:
 
 
 def default_block_d(batch: int, channels: int) -> int:
-  """Channels per program: the largest block that still gives >= ~4 programs per H200 SM."""
-  for block_d in (32, 16, 8):
-    if batch * -(-channels // block_d) >= 4 * 132:
-      return block_d
+  """Channels per program. 4 on an H200 (measured, `.notes/scan.md`): the (N, 4) state tile is
+  2 values per lane, needs no shared-memory layout change per step (larger blocks do) and gives
+  768 single-warp programs at batch 1."""
+  del batch, channels
   return 4
 
 
@@ -198,7 +198,7 @@ def selective_scan_pallas(
   cfg = KernelConfig(
     block_d=block_d,
     num_warps=num_warps,
-    bwd_block_d=bwd_block_d or min(block_d, 8),
+    bwd_block_d=bwd_block_d or block_d,
     bwd_num_warps=bwd_num_warps,
     prefetch=prefetch,
     bwd_prefetch=bwd_prefetch,
