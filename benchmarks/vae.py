@@ -27,9 +27,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from dim_jax.models.vae import SD_KL_F8, AutoencoderKL, VAEConfig, make_decode_fn, make_moments_fn
+from dim_jax.models.vae import SD_KL_F8, VAEConfig, make_decode_fn, make_moments_fn, random_vae
 
 DEFAULT_BATCH = {256: 128, 512: 32}  # enough work per call to fill an H200; halved if it won't fit
 
@@ -153,7 +152,7 @@ def peak_memory_gib() -> float | None:
 
 def run(args, rate: float) -> list[dict]:
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  vae = AutoencoderKL(SD_KL_F8, dtype=dtype, rngs=nnx.Rngs(0))
+  vae = random_vae(SD_KL_F8, dtype=dtype)
   encode, decode = make_moments_fn(vae), make_decode_fn(vae)
   rows = []
   for size in args.sizes:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dim_jax.models.vae import LATENT_SCALE, AutoencoderKL, VAEConfig, to_images
+from dim_jax.models.vae import LATENT_SCALE, AutoencoderKL, VAEConfig, random_vae, to_images
 
 TINY = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_groups=4)
 
@@ -57,7 +57,7 @@ def test_any_size_divisible_by_8_and_bad_shapes_refused():
 def test_decoder_output_is_float32_unclipped_and_to_images_clips():
   """decode returns the raw decoder output (float32, even in bf16); to_images clips to [-1, 1]."""
   rng, seed = _rng()
-  vae = AutoencoderKL(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  vae = random_vae(TINY, dtype=jnp.bfloat16, seed=seed)
   latents = jnp.asarray(3.0 * rng.standard_normal((2, 2, 3, 4)), jnp.float32)
   decoded = nnx.jit(lambda vae, z: vae.decode(z))(vae, latents)
   assert decoded.dtype == jnp.float32 and decoded.shape == (2, 16, 24, 3)
@@ -69,7 +69,7 @@ def test_decoder_output_is_float32_unclipped_and_to_images_clips():
 
 def test_posterior_sample_mode_clamp_and_scale():
   rng, seed = _rng()
-  vae = AutoencoderKL(TINY, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  vae = random_vae(TINY, seed=seed)
   images = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
   key = jax.random.key(int(rng.integers(1 << 30)))
   posterior = vae.encode(images)
@@ -104,13 +104,12 @@ def test_posterior_sample_mode_clamp_and_scale():
 _SHARDED = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np
-  from flax import nnx
-  from dim_jax.models.vae import AutoencoderKL, VAEConfig, make_decode_fn, make_moments_fn
+  from dim_jax.models.vae import make_decode_fn, make_moments_fn, random_vae
+  from tests.test_vae_interface import TINY
   assert jax.device_count() == 4
-  seed = int(np.random.SeedSequence().entropy % (1 << 30))
+  seed = np.random.SeedSequence().entropy
   rng = np.random.default_rng(seed)
-  config = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_groups=4)
-  vae = AutoencoderKL(config, rngs=nnx.Rngs(seed))
+  vae = random_vae(TINY, seed=seed)
   mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   images = rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
   mean, logvar = make_moments_fn(vae, mesh)(images)

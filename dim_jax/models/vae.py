@@ -31,6 +31,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dim_jax import parallel
@@ -96,8 +97,8 @@ def _conv(cin, cout, kernel, *, dtype, rngs, strides=1, padding=None) -> nnx.Con
 
 
 def _group_norm(channels: int, groups: int, *, dtype, rngs) -> nnx.GroupNorm:
-  # Two-pass variance in float32: activations reach |x| ~ 1e2 in the decoder, where
-  # E[x^2] - E[x]^2 loses digits.
+  # Two-pass variance: E[x^2] - E[x]^2 loses digits where |mean| >> std, as it can in a deep
+  # residual stream.
   return nnx.GroupNorm(
     channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=rngs
   )
@@ -309,6 +310,21 @@ class AutoencoderKL(nnx.Module):
   def decode_latents(self, latents: jax.Array) -> jax.Array:
     """The inverse of `encode_latents`: divides by the scaling factor, then decodes."""
     return self.decode(latents / self.config.scaling_factor)
+
+
+def random_vae(config: VAEConfig = SD_KL_F8, *, dtype=jnp.float32, seed: int = 0) -> AutoencoderKL:
+  """A VAE with N(0, 1/fan_in) parameters drawn by NumPy, for benchmarks and tests (real use
+  loads weights: `vae_weights.load_vae`). Quicker than NNX's init at any size: eager init
+  compiles one program per parameter shape, a jitted one compiles for a minute on a CPU."""
+  vae = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(x):  # fan_in = every axis but the last (kernels (kh, kw, I, O), (I, O)); 1 for vectors
+    std = 1.0 / np.sqrt(np.prod(x.shape[:-1]))
+    return jnp.asarray(std * rng.standard_normal(x.shape, dtype=np.float32))
+
+  nnx.update(vae, jax.tree.map(draw, nnx.state(vae, nnx.Param)))
+  return vae
 
 
 def to_images(decoded: jax.Array) -> jax.Array:
