@@ -7,7 +7,7 @@ Each metric consumes features from a `feature_fn`: uint8 images (B, H, W, C) -> 
 `models.inception.make_feature_fn` gives the FID Inception's (2048, 2023, 1008); the Fashion-MNIST
 classifier of `fmnist_classifier` gives a small offline stand-in (FD-FMNIST).
 
-The lead entry points:
+Entry points:
   evaluate_samples(sample_batches, feature_fn, ref) -> {"fid", "sfid", "inception_score",
       "precision", "recall", "num_samples"}: streams the batches once; means and covariances are
       accumulated batch by batch (float64), so no set of features is ever held, except up to

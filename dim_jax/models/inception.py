@@ -21,6 +21,11 @@ Outputs, for uint8 images of any size (resized to 299² as pytorch-fid does it):
 branch, whose output is the first 192 channels of Mixed_6d's concatenation.
 
 Weights come only from a local `.npz` made by the converter; nothing is downloaded.
+
+FID here is pytorch-fid's number (the protocol of U-ViT and DiM: 50 000 PNG samples against U-ViT's
+fid_stats_*.npz). ADM's evaluator runs the TensorFlow graph itself, which resizes with TF1's
+ResizeBilinear (no half-pixel centres) and scales inputs as x / 128 - 1, so sFID, precision and
+recall against ADM's reference batches may differ slightly from the numbers ADM's script prints.
 """
 
 import os

@@ -1,0 +1,144 @@
+"""FD-FMNIST: sample quality of a Fashion-MNIST model, offline (no Inception weights needed).
+
+  .venv/bin/python benchmarks/quality.py                       # the real-data floor only
+  .venv/bin/python benchmarks/quality.py --samples workdir/fmnist/samples.npz   # + a model's
+
+The classifier (dim_jax/fmnist_classifier.py) is trained once on the 60 000 training images and
+cached in --cache_dir (about 3 minutes on 2 CPU cores). Its penultimate features give the Fréchet
+distance "FD-FMNIST" (plus precision / recall and a 10-class Inception Score, all through
+dim_jax.eval_metrics). Reference: the first half of the test set (5 000 images). Floor: the second
+half against it, i.e. what a perfect generator scores with 5 000 samples. A model's samples
+(uint8 or [-1, 1], (N, 28 or 32, 28 or 32, 1), an .npz with `images` as sample.py writes it, or
+ADM's `arr_0`) are scored against the same reference, the first 5 000 of them, so that the
+sample-size bias matches the floor's. Samples come from a model trained with
+configs/fashion_mnist.py (its docstring has the command).
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dim_jax import eval_metrics, fmnist_classifier  # noqa: E402
+from dim_jax.data import fashion_mnist  # noqa: E402
+
+HALF = 5000  # images per side: the test set's halves
+BATCH = 500
+
+
+def batches(images: np.ndarray):
+  return (images[i : i + BATCH] for i in range(0, len(images), BATCH))
+
+
+def real_test_halves(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(reference half, floor half) uint8 (5000, 28, 28, 1) each, and all 10 000 test labels."""
+  test = fashion_mnist.FashionMnistSource(data_dir, "test", fmnist_classifier.IMAGE_SIZE)
+  images = test.images[..., None]  # (10000, 28, 28, 1): the raw images, unpadded
+  return images[:HALF], images[HALF : 2 * HALF], test.labels
+
+
+def score_generated(images: np.ndarray, feature_fn, ref: eval_metrics.ReferenceStats) -> dict:
+  """Generated images (N, 28 or 32, 28 or 32, 1), uint8 or [-1, 1] -> FD-FMNIST and friends.
+
+  The first 5 000 are scored (fewer if fewer are given: FD then carries a larger sample-size bias
+  than the floor; "num_samples" says how many).
+  """
+  images = np.asarray(images)[:HALF]
+  result = eval_metrics.evaluate_samples(batches(images), feature_fn, ref)
+  return {("fd_fmnist" if k == "fid" else k): v for k, v in result.items()}
+
+
+def read_samples(path: str) -> np.ndarray:
+  with np.load(path) as data:
+    for key in ("images", "arr_0"):
+      if key in data:
+        return data[key]
+  raise ValueError(f"--samples={path!r} holds {sorted(data.keys())}: give an .npz with `images`.")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data_dir", default=fashion_mnist.DEFAULT_DIR)
+  parser.add_argument("--cache_dir", default="workdir/quality", help="the classifier's cache")
+  parser.add_argument("--samples", default=None, help=".npz of generated images to score")
+  parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+  parser.add_argument("--no-append", action="store_true")
+  args = parser.parse_args()
+
+  start = time.perf_counter()
+  classifier = fmnist_classifier.load_or_train(args.cache_dir, args.data_dir)
+  train_s = time.perf_counter() - start
+  feature_fn = fmnist_classifier.make_feature_fn(classifier)
+  ref_images, floor_images, labels = real_test_halves(args.data_dir)
+  test_images = np.concatenate([ref_images, floor_images])
+  accuracy = fmnist_classifier.accuracy(classifier, test_images, labels)
+
+  start = time.perf_counter()
+  ref = eval_metrics.compute_reference_stats(batches(ref_images), feature_fn, manifold_size=HALF)
+  floor = score_generated(floor_images, feature_fn, ref)
+  floor_s = time.perf_counter() - start
+
+  rows = [
+    ("classifier test accuracy (10 000 images)", f"{accuracy:.4f}", "1 (perfect)", accuracy),
+    ("FD-FMNIST floor: test half vs half (5 000 / 5 000)", f"{floor['fd_fmnist']:.4f}", "", None),
+    (
+      "precision / recall floor (k=3)",
+      f"{floor['precision']:.3f} / {floor['recall']:.3f}",
+      "",
+      None,
+    ),
+  ]
+  if args.samples:
+    model = score_generated(read_samples(args.samples), feature_fn, ref)
+    rows += [
+      (
+        f"FD-FMNIST of {args.samples} ({model['num_samples']} samples)",
+        f"{model['fd_fmnist']:.4f}",
+        f"floor {floor['fd_fmnist']:.4f}",
+        model["fd_fmnist"] / floor["fd_fmnist"],
+      ),
+      (
+        "precision / recall of the samples",
+        f"{model['precision']:.3f} / {model['recall']:.3f}",
+        f"floor {floor['precision']:.3f} / {floor['recall']:.3f}",
+        None,
+      ),  # fmt: skip
+      (
+        "10-class Inception Score of the samples",
+        f"{model['inception_score']:.3f}",
+        f"real {floor['inception_score']:.3f}",
+        model["inception_score"] / floor["inception_score"],
+      ),  # fmt: skip
+    ]
+  lines = ["| figure | value | compared with | ratio |", "| --- | --- | --- | --- |"]
+  for name, value, bound, ratio in rows:
+    lines.append(f"| {name} | {value} | {bound} | {'' if ratio is None else f'{ratio:.3f}'} |")
+  table = "\n".join(lines)
+  print(table)
+  print(f"classifier: {train_s:.0f} s (train or load); reference + floor: {floor_s:.0f} s")
+
+  if not args.no_append:
+    cpu = platform.processor() or platform.machine()
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    entry = (
+      f"\n## Sample quality (FD-FMNIST), {datetime.date.today().isoformat()}\n\n"
+      f"Device: {cpu}, {os.cpu_count()} cores. Command: `{command.strip()}`. Classifier "
+      f"{os.path.basename(fmnist_classifier.cache_path(args.cache_dir))} ({train_s:.0f} s to "
+      f"train or load); reference and floor {floor_s:.0f} s.\n\n{table}\n"
+    )
+    new = not os.path.exists(args.results)
+    with open(args.results, "a") as f:
+      if new:
+        f.write("# Benchmark results\n")
+      f.write(entry)
+    print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+  main()
