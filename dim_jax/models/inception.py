@@ -20,7 +20,10 @@ Outputs, for uint8 images of any size (resized to 299² as pytorch-fid does it):
 "mixed_6" is TensorFlow's seventh mixed block (PyTorch's Mixed_6d) and "mixed_6/conv" its 1x1
 branch, whose output is the first 192 channels of Mixed_6d's concatenation.
 
-Weights come only from a local `.npz` made by the converter; nothing is downloaded.
+Weights come only from a local `.npz` made by the converter; nothing is downloaded. Checked once
+against pytorch-fid 0.3.0 itself (torch 1.13, torchvision 0.14), random weights through the
+converter, uint8 inputs of 64², 299² and 320²: pool and logits agree to 2.6e-6 and spatial to
+1.5e-5 of their largest magnitude.
 
 FID here is pytorch-fid's number (the protocol of U-ViT and DiM: 50 000 PNG samples against U-ViT's
 fid_stats_*.npz). ADM's evaluator runs the TensorFlow graph itself, which resizes with TF1's
