@@ -13,9 +13,7 @@ def _ddim_step(schedule, x, eps, t, s, eta, rng):
   alpha_t, sigma_t = schedule.alpha(t), schedule.sigma(t)
   alpha_s, sigma_s = schedule.alpha(s), schedule.sigma(s)
   x0 = (x - sigma_t * eps) / alpha_t
-  noise_scale = (
-    eta * (sigma_s / sigma_t) * jnp.sqrt(1.0 - (alpha_t * sigma_s / (alpha_s * sigma_t)) ** 2)
-  )
+  noise_scale = eta * (sigma_s / sigma_t) * jnp.sqrt(1.0 - (alpha_t / alpha_s) ** 2)
   direction = jnp.sqrt(jnp.maximum(sigma_s**2 - noise_scale**2, 0.0)) * eps
   return alpha_s * x0 + direction + noise_scale * jax.random.normal(rng, x.shape, x.dtype)
 
