@@ -100,6 +100,22 @@ def base_config() -> ml_collections.ConfigDict:
     use_ema=True,
   )
 
+  # The Stable Diffusion KL-f8 VAE (latent recipes): a local diffusers
+  # `diffusion_pytorch_model.safetensors` or original `autoencoder_kl_ema.pth`. Set, samples are
+  # decoded with it; --mode=extract_latents encodes with it.
+  c.vae = dict(path="", dtype="bfloat16")
+
+  # --mode=extract_latents: VAE posterior moments of the image set in `data` -> `out_dir`.
+  c.extract = dict(out_dir="", batch_size=64, dtype="float32")
+
+  # --mode=evaluate (FID, sFID, IS, precision, recall) and --mode=ref_stats.
+  c.eval = dict(
+    inception_path="",  # .npz made by `python -m dim_jax.tools.convert_inception`
+    ref_stats="",  # ADM / U-ViT reference .npz, or one written by --mode=ref_stats
+    num_samples=50_000,
+    batch_size=250,  # Inception batch for reference statistics
+  )
+
   # Device mesh: sizes of the ("data", "fsdp") axes; -1 takes the remaining devices.
   c.mesh = dict(data=-1, fsdp=1)
 

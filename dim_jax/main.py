@@ -14,7 +14,13 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to run.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "sample", "evaluate", "ref_stats", "extract_latents"],
+  "train (resumes by itself) | sample (PNG grid + .npz) | evaluate (FID, sFID, IS, P/R) | "
+  "ref_stats (Inception statistics of `data`) | extract_latents (VAE moments of `data`).",
+)
 flags.DEFINE_integer(
   "num_images", None, "--mode=sample: how many images (default sample.num_images)."
 )
@@ -92,10 +98,14 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "sample":
       from dim_jax import sample
 
       sample.sample_from_workdir(FLAGS.config, FLAGS.workdir, num_images=FLAGS.num_images)
+    else:
+      from dim_jax import evaluate
+
+      evaluate.MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if os.environ.get("DIM_JAX_TRACEBACK"):
       raise

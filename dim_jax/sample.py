@@ -38,20 +38,41 @@ def make_sampler(graphdef, schedule, sample_config, null_label: int):
   return run
 
 
-def generate(graphdef, params, schedule, *, config, num_images: int, rng: jax.Array) -> np.ndarray:
-  """`num_images` samples, in batches of sample.batch_size -> (N, H, W, C) in [-1, 1]."""
+def load_decoder(config):
+  """Latent models decode their samples with the VAE of `vae.path`; pixel models need none."""
+  if not config.vae.path:
+    return None
+  from dim_jax.models import layers, vae, vae_weights
+
+  model = vae_weights.load_vae(config.vae.path, dtype=layers.compute_dtype(config.vae.dtype))
+  return vae.make_decode_fn(model)
+
+
+def generate_batches(graphdef, params, schedule, *, config, num_images: int, rng: jax.Array):
+  """Yields samples in batches of sample.batch_size, (b, H, W, C) in [-1, 1], decoded by the
+  VAE when `vae.path` is set: never more than one batch of images in memory."""
   model_cfg, sample_cfg = config.model, config.sample
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
   labels = sample_labels(num_images, model_cfg.num_classes, config.diffusion.p_uncond >= 1.0)
   run = make_sampler(graphdef, schedule, sample_cfg, model_cfg.num_classes)
-  images = []
+  decode = load_decoder(config)
   for start in range(0, num_images, sample_cfg.batch_size):
     rng, noise_rng, sample_rng = jax.random.split(rng, 3)
     batch_labels = jnp.asarray(labels[start : start + sample_cfg.batch_size])
     noise = jax.random.normal(noise_rng, (len(batch_labels), *shape), jnp.float32)
-    images.append(np.asarray(jax.device_get(run(params, noise, batch_labels, sample_rng))))
+    x = run(params, noise, batch_labels, sample_rng)
+    if decode is not None:
+      x = decode(x)
     logging.info("sampled %d / %d images", start + len(batch_labels), num_images)
-  return np.concatenate(images)[:num_images]
+    yield np.asarray(jax.device_get(x))
+
+
+def generate(graphdef, params, schedule, *, config, num_images: int, rng: jax.Array) -> np.ndarray:
+  """`num_images` samples -> (N, H, W, C) in [-1, 1] (see `generate_batches`)."""
+  batches = generate_batches(
+    graphdef, params, schedule, config=config, num_images=num_images, rng=rng
+  )
+  return np.concatenate(list(batches))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -78,11 +99,11 @@ def save_grid(path: str, images_uint8: np.ndarray) -> str:
   return path
 
 
-def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) -> str:
-  """--mode=sample: EMA parameters of the latest checkpoint -> PNG grid and .npz of uint8 images."""
+def restore_for_sampling(config, workdir: str):
+  """(graphdef, EMA or raw parameters, step) of a workdir's latest checkpoint."""
   from dim_jax import checkpoint, parallel, train
 
-  num_images = num_images or config.sample.num_images
+  diffusion.validate(config.sample.sampler, config.sample.steps)
   mesh = parallel.create_mesh(config.mesh)
   graphdef, init_state, _, _ = train.build_state(config)
   abstract_state = jax.eval_shape(init_state)
@@ -90,6 +111,13 @@ def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) 
   params, step = checkpoint.restore_params(
     workdir, abstract_state, shardings, use_ema=config.sample.use_ema
   )
+  return graphdef, params, step
+
+
+def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) -> str:
+  """--mode=sample: EMA parameters of the latest checkpoint -> PNG grid and .npz of uint8 images."""
+  graphdef, params, step = restore_for_sampling(config, workdir)
+  num_images = num_images or config.sample.num_images
   schedule = diffusion.create_schedule(config.diffusion)
   rng = jax.random.key(config.seed + 2)
   images = to_uint8(
