@@ -121,7 +121,7 @@ def main(argv):
     "| model | image | largest batch that trains (remat on) | step ms |",
     "| --- | --- | --- | --- |",
   ]
-  for item in args.search.split(";"):
+  for item in filter(None, args.search.split(";")):
     image, batches = item.split(":")
     for batch in [int(b) for b in batches.split(",")]:
       config = config_for("H/2", int(image), batch, True, args.scan_impl, args.tiny)
