@@ -25,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from dim_jax import data  # noqa: E402
 from dim_jax.data import decoded, preprocess  # noqa: E402
 
@@ -152,12 +153,7 @@ def main():
       f"Device: {cpu}, {os.cpu_count()} cores (load average {load:.1f} at the end; "
       f"shared machine). Command: `{command.strip()}`.\n\n{table}\n"
     )
-    new = not os.path.exists(args.results)
-    with open(args.results, "a") as f:
-      if new:
-        f.write("# Benchmark results\n")
-      f.write(entry)
-    print(f"appended to {args.results}")
+    results.append(args.results, entry)
 
 
 if __name__ == "__main__":

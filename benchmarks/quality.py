@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from dim_jax import eval_metrics, fmnist_classifier  # noqa: E402
 from dim_jax.data import fashion_mnist  # noqa: E402
 
@@ -132,12 +133,7 @@ def main():
       f"{os.path.basename(fmnist_classifier.cache_path(args.cache_dir))} ({train_s:.0f} s to "
       f"train or load); reference and floor {floor_s:.0f} s.\n\n{table}\n"
     )
-    new = not os.path.exists(args.results)
-    with open(args.results, "a") as f:
-      if new:
-        f.write("# Benchmark results\n")
-      f.write(entry)
-    print(f"appended to {args.results}")
+    results.append(args.results, entry)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import results
 from dim_jax.ops import scan_pallas
 from dim_jax.ops.scan import selective_scan
 
@@ -358,8 +359,7 @@ def main():
     with open(os.path.join(a.out, "RESULTS_block.md"), "w") as f:
       f.write(text)
     if a.results:
-      with open(a.results, "a") as f:
-        f.write("\n" + text)
+      results.append(a.results, "\n" + text)
 
 
 if __name__ == "__main__":

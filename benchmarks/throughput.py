@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from benchmarks import results
 from configs import common
 from dim_jax.models import create_model, dim_preset, mamba
 from dim_jax.models.dit import dit_preset
@@ -361,11 +362,7 @@ def main(argv=None):
   (out / "throughput.json").write_text(
     json.dumps(dict(device=device, rate=rate, rows=rows), indent=1)
   )
-  if not args.results.exists():
-    args.results.write_text("# Benchmark results\n")
-  with args.results.open("a") as f:
-    f.write(report)
-  print(f"appended to {args.results}")
+  results.append(args.results, report)
 
 
 if __name__ == "__main__":

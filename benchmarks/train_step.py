@@ -13,7 +13,6 @@ DiM-H/2 at 512² and 1024² (tried from a list, largest first).
 
 import argparse
 import datetime
-import pathlib
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import results
 from configs import pretrain_256
 from dim_jax import diffusion, train
 from dim_jax.models import dim_preset
@@ -139,8 +139,7 @@ def main(argv):
     f"`python -m benchmarks.train_step {' '.join(argv)}`\n\n"
   )
   if not args.tiny:
-    with pathlib.Path(args.results).open("a") as f:
-      f.write(header + table + "\n")
+    results.append(args.results, header + table)
 
 
 if __name__ == "__main__":

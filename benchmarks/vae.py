@@ -20,7 +20,6 @@ unless --results is given).
 
 import argparse
 import datetime
-import pathlib
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import results
 from dim_jax.models.vae import SD_KL_F8, VAEConfig, make_decode_fn, make_moments_fn, random_vae
 
 DEFAULT_BATCH = {256: 128, 512: 32}  # enough work per call to fill an H200; halved if it won't fit
@@ -212,12 +212,7 @@ def main(argv=None):
   )
   print(report)
   if args.results:
-    results = pathlib.Path(args.results)
-    if not results.exists():
-      results.write_text("# Benchmark results\n")
-    with results.open("a") as f:
-      f.write(report)
-    print(f"appended to {results}")
+    results.append(args.results, report)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dim_jax.models.layers import (
   RMSNorm,
   embedding_init,
   linear,
+  patch_grid,
   timestep_embedding,
   torch_default_bias_init,
   torch_default_init,
@@ -237,12 +238,7 @@ class DiM(nnx.Module):
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
     p = self.patch_size
-    if height % p or width % p or channels != self.in_channels:
-      raise ValueError(
-        f"input of shape {x.shape}: height and width must be divisible by model.patch_size={p} "
-        f"and channels must equal model.in_channels={self.in_channels}."
-      )
-    h, w = height // p, width // p
+    h, w = patch_grid(x.shape, p, self.in_channels)
     grid = layout.padded_grid(h, w)
 
     # Tokens: [t_tok, y_tok] prefix and the patch grid, both with position embedding.

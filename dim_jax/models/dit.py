@@ -21,6 +21,7 @@ from dim_jax.models.layers import (
   compute_dtype,
   embedding_init,
   linear,
+  patch_grid,
   timestep_embedding,
   unpatchify,
 )
@@ -236,12 +237,7 @@ class DiT(nnx.Module):
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
     p = self.patch_size
-    if height % p or width % p or channels != self.in_channels:
-      raise ValueError(
-        f"input of shape {x.shape}: height and width must be divisible by model.patch_size={p} "
-        f"and channels must equal model.in_channels={self.in_channels}."
-      )
-    h, w = height // p, width // p
+    h, w = patch_grid(x.shape, p, self.in_channels)
     tokens = self.patch_embed(x.astype(self.dtype)).reshape(batch, h * w, self.width)
     tokens = tokens.astype(jnp.float32) + sincos_position_embedding(h, w, self.width)  # (B, N, D)
     c = self.time_out(nnx.silu(self.time_in(timestep_embedding(t, FREQ_DIM))))

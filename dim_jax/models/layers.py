@@ -21,6 +21,17 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
+def patch_grid(shape: tuple, patch: int, in_channels: int) -> tuple[int, int]:
+  """(B, H, W, C) input shape -> the (h, w) patch grid, or one clear error."""
+  _, height, width, channels = shape
+  if height % patch or width % patch or channels != in_channels:
+    raise ValueError(
+      f"input of shape {tuple(shape)}: height and width must be divisible by "
+      f"model.patch_size={patch} and channels must equal model.in_channels={in_channels}."
+    )
+  return height // patch, width // patch
+
+
 def unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
   """(B, h, w, p*p*C) per-patch outputs -> (B, h*p, w*p, C) image."""
   batch, h, w, _ = tokens.shape
