@@ -19,7 +19,8 @@ Each keeps its paper's time grid (reference/dim-paper-and-code.md §3.2, §3.3):
                     evaluations at linspace(ε, 1, steps) from the top, then a last noise-free step
                     from ε to 0.
 
-The ODE samplers' outputs at ε, not 0, are the paper's: DiM samples with `eps=1/N` (§3.2).
+DPM-Solver stops at ε, not 0, as the paper's sampler does (`eps=1/N`, §3.2): its output keeps
+noise of std σ_ε (0.029 for the discrete schedule); DDIM and DDPM end at t = 0.
 """
 
 import jax
