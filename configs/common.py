@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = dict(
     sampler="dpm_solver_fast",  # ddpm | ddim | dpm_solver_fast | dpm_solver_pp_2m | euler_maruyama
     steps=50,
-    eta=0.0,  # DDIM stochasticity
+    eta=0.0,  # DDIM stochasticity (ddim only; 0 = deterministic)
     guidance_scale=1.4,  # w in ε_u + w(ε_c - ε_u); 1 disables guidance (official s = w - 1)
     num_images=64,  # images in the end-of-training grid and --mode=sample (0: no grid)
     batch_size=64,

@@ -103,7 +103,7 @@ def restore_for_sampling(config, workdir: str):
   """(graphdef, EMA or raw parameters, step) of a workdir's latest checkpoint."""
   from dim_jax import checkpoint, parallel, train
 
-  diffusion.validate(config.sample.sampler, config.sample.steps)
+  diffusion.validate(config.sample.sampler, config.sample.steps, config.sample.eta)
   mesh = parallel.create_mesh(config.mesh)
   graphdef, init_state, _, _ = train.build_state(config)
   abstract_state = jax.eval_shape(init_state)

@@ -210,7 +210,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- Model & optimizer
   graphdef, init_state, tx, lr_schedule = build_state(config)
   schedule = diffusion.create_schedule(config.diffusion)
-  diffusion.validate(config.sample.sampler, config.sample.steps)  # fail now, not after training
+  # A bad sampler config fails now, not after training.
+  diffusion.validate(config.sample.sampler, config.sample.steps, config.sample.eta)
 
   # ---------------------------------------------------------------- Input
   info = data.dataset_info(config.data)
