@@ -6,6 +6,8 @@ One composite per step under `<workdir>/checkpoints/<step>`:
   data_iter  the grain iterator's position, so a resumed run sees exactly the batches it would have.
 """
 
+import os
+
 import grain
 import jax
 import numpy as np
@@ -23,8 +25,10 @@ def create_manager(workdir: str, *, keep: int = 3, save_every: int = 1) -> ocp.C
     "state": ocp.StandardCheckpointHandler(),
     "data_iter": grain.checkpoint.CheckpointHandler(),
   }
+  # Orbax wants absolute paths; cloud paths (gs://...) already are.
+  root = workdir if "://" in workdir else os.path.abspath(workdir)
   return ocp.CheckpointManager(
-    epath.Path(workdir) / "checkpoints", options=options, item_handlers=handlers
+    epath.Path(root) / "checkpoints", options=options, item_handlers=handlers
   )
 
 
