@@ -135,3 +135,11 @@ def test_finetune_smoke_starts_from_pretrain_smoke_checkpoint(tmp_path):
   np.testing.assert_array_equal(
     block, np.asarray(pretrained["params"]["blocks"][3]["mixer"]["in_proj"]["kernel"][...])
   )
+
+
+def test_relative_workdir_gets_checkpoints(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config(num_steps=2)
+  config.sample.num_images = 0
+  train.train_and_evaluate(config, "relative/run")
+  assert (tmp_path / "relative" / "run" / "checkpoints" / "2").is_dir()
