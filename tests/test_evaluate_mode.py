@@ -1,0 +1,40 @@
+"""--mode=ref_stats and --mode=evaluate end to end, with random Inception weights on tiny data."""
+
+import json
+
+import numpy as np
+
+from dim_jax import evaluate, train
+from dim_jax.models import inception
+from tests.test_train import tiny_config
+
+
+def _random_inception(path):
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for name, shape in inception.weight_shapes().items():
+    value = rng.normal(size=shape).astype(np.float32)
+    if name.endswith(".conv.kernel"):
+      value *= np.sqrt(2.0 / np.prod(shape[:-1]))  # He scale: activations stay finite
+    arrays[name] = np.abs(value) + 0.5 if name.endswith((".var", ".scale")) else value
+  np.savez(path, **arrays)
+
+
+def test_reference_stats_then_evaluate_write_metrics(tmp_path):
+  config = tiny_config(num_steps=1)
+  config.sample.update(num_images=0, batch_size=4, steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  _random_inception(tmp_path / "inception.npz")
+  config.eval.update(
+    inception_path=str(tmp_path / "inception.npz"),
+    ref_stats=str(tmp_path / "ref.npz"),
+    num_samples=8,
+    batch_size=8,
+  )
+  evaluate.reference_stats(config, str(tmp_path))
+  results = evaluate.evaluate(config, str(tmp_path))
+  assert np.isfinite(results["fid"]) and results["fid"] >= 0
+  assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1
+  assert results["num_samples"] == 8
+  written = json.loads((tmp_path / "eval_1.json").read_text())
+  assert written["fid"] == results["fid"]
