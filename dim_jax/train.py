@@ -1,6 +1,6 @@
 """Training: one loop, read top to bottom (big_vision style sections).
 
-  Workdir · Mesh · Input · Model & optimizer · Shard · Update step · Checkpoint · Loop · Samples
+  Workdir · Mesh · Model & optimizer · Input · Shard · Update step · Checkpoint · Loop · Samples
 
 The state is a plain pytree {"step", "params", "opt_state", "ema_params"} (NNX states for the
 parameters), placed on the mesh by `jax.jit` out_shardings and updated by one jitted, donated step.
