@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     log_every=100,  # steps between progress lines and scalar metrics
     checkpoint_every=5000,
     keep_checkpoints=3,  # most recent checkpoints kept
+    keep_period=0,  # also keep every checkpoint whose step is a multiple of this (0: none)
     sample_every=0,  # steps between sample grids during training (0: only at the end)
     # Stage transition: start a new run from another workdir's latest checkpoint (its weights;
     # the position table resized to this grid, EMA reset to the weights, a fresh optimizer).

@@ -17,9 +17,15 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 
-def create_manager(workdir: str, *, keep: int = 3, save_every: int = 1) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str, *, keep: int = 3, save_every: int = 1, keep_period: int = 0
+) -> ocp.CheckpointManager:
+  """Keeps the `keep` latest checkpoints, and also every step divisible by `keep_period` (> 0)."""
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=True
+    max_to_keep=keep,
+    keep_period=keep_period or None,
+    save_interval_steps=save_every,
+    enable_async_checkpointing=True,
   )
   handlers = {
     "state": ocp.StandardCheckpointHandler(),

@@ -245,7 +245,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- Checkpoint
   manager = checkpoint.create_manager(
-    workdir, keep=config.train.keep_checkpoints, save_every=config.train.checkpoint_every
+    workdir,
+    keep=config.train.keep_checkpoints,
+    save_every=config.train.checkpoint_every,
+    keep_period=config.train.keep_period,
   )
   state = checkpoint.restore(manager, abstract_state, state_sharding, data_iter=train_iter)
   if state is None:
