@@ -99,6 +99,16 @@ def base_config() -> ml_collections.ConfigDict:
     num_images=64,  # images in the end-of-training grid and --mode=sample (0: no grid)
     batch_size=64,
     use_ema=True,
+    # Upsample guidance (Hwang et al. 2024; DiM §3.4, dim_jax/diffusion/upsample.py): sample at
+    # `scale` x model.input_size with no training; the position table is resized on the fly, the
+    # padding tokens fill any grid. Both resolutions use classifier-free guidance_scale.
+    upsample=dict(
+      scale=1,  # m: 2 for 512² -> 1024², 3 for -> 1536²; 1 = off
+      weight=1.0,  # η, the guidance weight (official 1); 0 = plain sampling at the larger size
+      active_fraction=0.3,  # θ: guided while t >= 1 - θ, the first 30 % of the reverse path
+      tau_grid=0,  # the low-res time τ: nearest SNR to m² SNR(t) among n/K, n = 1..K, and t;
+      # K = this, 0 = diffusion.num_timesteps (official: the 1000 training steps)
+    ),
   )
 
   # The Stable Diffusion KL-f8 VAE (latent recipes): a local diffusers

@@ -20,6 +20,18 @@ def sample_labels(num_images: int, num_classes: int, unconditional: bool) -> np.
   return (np.arange(num_images) % num_classes).astype(np.int32)
 
 
+def upsample_guidance(sample_config) -> diffusion.UpsampleGuidance | None:
+  """The `sample.upsample` block (validated), or None when it is off (scale 1)."""
+  guidance = diffusion.UpsampleGuidance(**sample_config.upsample.to_dict())
+  return guidance if guidance.scale > 1 else None
+
+
+def sample_side(config) -> int:
+  """The sampled side: the trained `model.input_size`, times m under upsample guidance."""
+  guidance = upsample_guidance(config.sample)
+  return config.model.input_size * (guidance.scale if guidance else 1)
+
+
 def make_sampler(graphdef, schedule, sample_config, null_label: int):
   """A jitted (params, noise (B, H, W, C), labels (B,), rng) -> images (B, H, W, C) in [-1, 1]."""
   options = dict(
@@ -28,6 +40,7 @@ def make_sampler(graphdef, schedule, sample_config, null_label: int):
     guidance_scale=sample_config.guidance_scale,
     eta=sample_config.eta,
     null_label=null_label,
+    upsample=upsample_guidance(sample_config),
   )
 
   @jax.jit
@@ -52,7 +65,8 @@ def generate_batches(graphdef, params, schedule, *, config, num_images: int, rng
   """Yields samples in batches of sample.batch_size, (b, H, W, C) in [-1, 1], decoded by the
   VAE when `vae.path` is set: never more than one batch of images in memory."""
   model_cfg, sample_cfg = config.model, config.sample
-  shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+  side = sample_side(config)
+  shape = (side, side, model_cfg.in_channels)
   labels = sample_labels(num_images, model_cfg.num_classes, config.diffusion.p_uncond >= 1.0)
   run = make_sampler(graphdef, schedule, sample_cfg, model_cfg.num_classes)
   decode = load_decoder(config)
@@ -104,6 +118,7 @@ def restore_for_sampling(config, workdir: str):
   from dim_jax import checkpoint, parallel, train
 
   diffusion.validate(config.sample.sampler, config.sample.steps, config.sample.eta)
+  upsample_guidance(config.sample)  # a bad sample.upsample block fails before the restore
   mesh = parallel.create_mesh(config.mesh)
   graphdef, init_state, _, _ = train.build_state(config)
   abstract_state = jax.eval_shape(init_state)
@@ -124,6 +139,9 @@ def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) 
     generate(graphdef, params, schedule, config=config, num_images=num_images, rng=rng)
   )
   name = f"sample_{config.sample.sampler}_{config.sample.steps}steps_step{step}"
+  guidance = upsample_guidance(config.sample)
+  if guidance:  # apart from the grid at the trained size
+    name += f"_upsample{guidance.scale}x"
   path = save_grid(os.path.join(workdir, name + ".png"), images)
   np.savez(os.path.join(workdir, name + ".npz"), images=images)
   logging.info("Wrote %s and %s.npz", path, name)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dim_jax.diffusion.guidance import guided_eps
+from dim_jax.diffusion.upsample import UpsampleGuidance, upsample_guided_eps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver_fast", "dpm_solver_pp_2m", "euler_maruyama")
 
@@ -56,25 +57,32 @@ def sample(
   guidance_scale: float = 1.0,
   null_label: int,
   eta: float = 0.0,
+  upsample: UpsampleGuidance | None = None,
 ):
   """Integrates from x_1 = noise (B, H, W, C) at t = 1 to data; returns x (B, H, W, C).
 
   denoise_fn(x_t (B, H, W, C), network time (B,) float32, labels (B,) int32) -> ε̂ (B, H, W, C);
   labels (B,) int32 (the null label for an unconditional model). guidance_scale is w of
-  classifier-free guidance (see `guided_eps`), a Python float. The state is float32, or the noise's
-  dtype if wider. Jittable (sampler, steps, guidance_scale, null_label, eta are static).
+  classifier-free guidance (see `guided_eps`), a Python float. `upsample` adds upsample guidance
+  (`upsample_guided_eps`) for noise at m x the trained side, CFG at both resolutions. The state is
+  float32, or the noise's dtype if wider. Jittable (all keyword arguments are static).
   """
   validate(sampler, steps, eta)
   x = noise.astype(jnp.promote_types(noise.dtype, jnp.float32))
   labels = jnp.asarray(labels, jnp.int32)
 
-  def eps_fn(x, t):
-    """ε̂(x (B, H, W, C), scalar time t) with guidance, in x's dtype."""
+  def cfg_eps(x, t):
+    """ε̂(x (B, h, w, C) at any size, scalar time t) with classifier-free guidance."""
     t_net = jnp.broadcast_to(schedule.network_time(t), (x.shape[0],))
-    eps = guided_eps(
+    return guided_eps(
       denoise_fn, x, t_net, labels, guidance_scale=guidance_scale, null_label=null_label
     )
-    return eps.astype(x.dtype)
+
+  def eps_fn(x, t):
+    """ε̂(x (B, H, W, C), scalar time t) with every guidance, in x's dtype."""
+    if upsample is None:
+      return cfg_eps(x, t).astype(x.dtype)
+    return upsample_guided_eps(cfg_eps, schedule, x, t, upsample).astype(x.dtype)
 
   if sampler in ("ddpm", "ddim"):
     return ddim(eps_fn, schedule, x, rng, steps, eta=1.0 if sampler == "ddpm" else eta)
