@@ -3,7 +3,8 @@
 Upsample guidance (dim_jax/diffusion/upsample.py) over the finetune_512 checkpoint as stored: the
 64² latent position table is resized to 128² on the fly and the rho_pad padding tokens fill the
 larger grid. CFG w = 4 (official s = 3) at both resolutions, guidance in the first 30 % of the
-reverse trajectory, 50-evaluation DPM-Solver. Writes
+reverse trajectory, 50-evaluation DPM-Solver "fast" (here its ++ data-prediction form; the official
+upsampling run uses the noise-prediction form). Writes
 <workdir>/sample_dpm_solver_fast_50steps_step<N>_upsample2x.png and .npz:
 
   python -m dim_jax.main --config=configs/upsample_1024.py --mode=sample \\

@@ -227,3 +227,20 @@ def test_demo_checkpoint_samples_at_twice_its_size(tmp_path):
   assert np.asarray(Image.open(path)).shape == (2 * 64 + 2, 2 * 64 + 2, 3)
   images = np.load(path[: -len(".png")] + ".npz")["images"]
   assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_large_latents_decode_a_slice_at_a_time():
+  """At 1536² (192² latents) the VAE decodes one image per call; at 256² the whole batch."""
+  from dim_jax import sample
+
+  sizes = []
+
+  def decode(z):
+    sizes.append(len(z))
+    return 2 * z
+
+  for side, want in [(192, [1, 1, 1]), (32, [3])]:
+    sizes.clear()
+    latents = jnp.arange(3 * side * side * 4, dtype=jnp.float32).reshape(3, side, side, 4)
+    np.testing.assert_array_equal(sample.decode_in_slices(decode, latents), 2 * latents)
+    assert sizes == want, (side, sizes)
