@@ -16,6 +16,8 @@ Implementations (`impl=`):
   associative  `lax.associative_scan` over (B, L, D, N) pairs: parallel, but materialises them
   chunked      `lax.scan` over chunks carrying h, associative scan inside each rematerialised chunk
   pallas       fused kernel (`scan_pallas.py`): state on chip, custom VJP recomputing per chunk
+  pallas_lanes the same with one GPU lane per channel, N states in its registers, and an optional
+               split of the sequence over programs (`scan_pallas_lanes.py`)
   auto         the fastest correct one for the platform (see `_auto_impl`)
 """
 
@@ -24,7 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("reference", "associative", "chunked", "pallas", "auto")
+IMPLS = ("reference", "associative", "chunked", "pallas", "pallas_lanes", "auto")
 
 
 def discretised_delta(delta: jax.Array, delta_bias: jax.Array | None, softplus: bool) -> jax.Array:
@@ -151,7 +153,7 @@ def selective_scan(
     delta_softplus: apply softplus to δ + bias.
     z: gate, (batch, length, channels); the output is multiplied by SiLU(z).
     impl: one of `IMPLS`.
-    chunk_size: time steps per chunk for "chunked" (default 256) and "pallas" (default 8).
+    chunk_size: time steps per chunk for "chunked" (default 256) and the kernels (default 8).
 
   Returns:
     (batch, length, channels) in u's dtype.
@@ -166,6 +168,12 @@ def selective_scan(
     from dim_jax.ops import scan_pallas  # imported lazily: Pallas stays off the XLA-only path
 
     return scan_pallas.selective_scan_pallas(
+      u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size
+    )
+  if impl == "pallas_lanes":
+    from dim_jax.ops import scan_pallas_lanes
+
+    return scan_pallas_lanes.selective_scan_pallas_lanes(
       u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size
     )
   dt = discretised_delta(delta, delta_bias, delta_softplus)  # (B, L, D) float32

@@ -29,16 +29,16 @@ LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
 
 
-def _softplus(x):
+def stable_softplus(x):
   """log(1 + e^x), stable for large |x| (Mamba applies it to δ + bias)."""
   return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def _sigmoid(x):
+def sigmoid(x):
   return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def _chunk_loop(length, chunk, reverse, prefetch, load_rows, body, carry):
+def chunk_loop(length, chunk, reverse, prefetch, load_rows, body, carry):
   """Runs `body(index, start, count, rows, carry) -> carry` over chunks of time.
 
   Full chunks go through a `fori_loop` (forward or reverse order); with `prefetch` its carry holds
@@ -110,7 +110,7 @@ def forward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
     # independent work of all steps (softplus, exps, reductions) sits side by side and only the
     # state update h = a h + b stays serial. Step by step was latency bound (~600 cycles/step).
     us, bs, cs = [r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
-    dts = [_softplus(r[1] + bias) if softplus else r[1] + bias for r in rows]  # (bd,) each
+    dts = [stable_softplus(r[1] + bias) if softplus else r[1] + bias for r in rows]  # (bd,) each
     decays = [jnp.exp2(dt[None, :] * a2) for dt in dts]  # (N, bd) each
     drives = [(dt * u)[None, :] * b[:, None] for dt, u, b in zip(dts, us, bs, strict=True)]
     states = []
@@ -121,12 +121,12 @@ def forward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
       y = jnp.sum(states[i] * cs[i][:, None], axis=0) + d_skip * us[i]  # (bd,)
       if has_z:
         z = rows[i][4]
-        y = y * z * _sigmoid(z)
+        y = y * z * sigmoid(z)
       y_ref[start + i] = y.astype(y_ref.dtype)
     return h
 
   h0 = jnp.zeros(a2.shape, jnp.float32)
-  _chunk_loop(length, chunk, False, prefetch, _row_loader(row_refs), body, h0)
+  chunk_loop(length, chunk, False, prefetch, _row_loader(row_refs), body, h0)
 
 
 def backward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
@@ -150,7 +150,7 @@ def backward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
     # Phases over the whole chunk, as in the forward: only the two recurrences are serial.
     us, bs, cs, gs = ([r[k] for r in rows] for k in (0, 2, 3, 4))
     pres = [r[1] + bias for r in rows]
-    dts = [_softplus(p) if softplus else p for p in pres]
+    dts = [stable_softplus(p) if softplus else p for p in pres]
     # Recompute the chunk from its saved start state: decays and states stay in registers.
     h_prev = s_ref[index]
     decays = [jnp.exp2(dt[None, :] * a2) for dt in dts]
@@ -164,7 +164,7 @@ def backward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
     for i in range(count):
       if has_z:
         z = rows[i][5]
-        sig = _sigmoid(z)
+        sig = sigmoid(z)
         y = jnp.sum(states[i] * cs[i][:, None], axis=0) + d_skip * us[i]  # output before gate
         dz_ref[start + i] = (gs[i] * y * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
         gys.append(gs[i] * z * sig)
@@ -185,7 +185,7 @@ def backward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
       d_dt = jnp.sum(d_log_decay * a_nat, axis=0) + u * dh_b
       db_ref[start + i] = jnp.sum(dh_i * (dt * u)[None, :], axis=1)
       du_ref[start + i] = (dt * dh_b + d_skip * gy).astype(du_ref.dtype)
-      d_pre = d_dt * _sigmoid(pres[i]) if softplus else d_dt
+      d_pre = d_dt * sigmoid(pres[i]) if softplus else d_dt
       ddt_ref[start + i] = d_pre.astype(ddt_ref.dtype)
       d_d = d_d + gy * u
       d_bias = d_bias + d_pre
@@ -193,7 +193,7 @@ def backward_kernel(*refs, length, chunk, softplus, has_z, prefetch):
 
   zeros = jnp.zeros(a2.shape, jnp.float32)
   zeros_d = jnp.zeros(d_skip.shape, jnp.float32)
-  _, d_a, d_d, d_bias = _chunk_loop(
+  _, d_a, d_d, d_bias = chunk_loop(
     length, chunk, True, prefetch, _row_loader(row_refs), body, (zeros, zeros, zeros_d, zeros_d)
   )
   da_ref[...] = d_a

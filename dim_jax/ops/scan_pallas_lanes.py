@@ -1,0 +1,255 @@
+"""`impl="pallas_lanes"` of `selective_scan`: the lanes = channels kernels of
+`scan_pallas_lanes_kernels.py` behind a `jax.custom_vjp`, with the sequence split and the padding.
+
+Sequence split (`segments` S > 1): batch 1 at D = 3072 gives only D/32 = 96 single-warp programs,
+too few for a GPU, so the sequence is cut into S segments of L_s steps, S times the programs:
+  1. `segment_end_kernel`: each segment from a zero state -> its end state e_s and ΣΔ over it
+     (its total decay P_s = exp(A ΣΔ_s), one exp per (d, n) per segment);
+  2. in XLA, S - 1 sequential steps over (B, N, D) arrays: h_0 = 0, h_{s+1} = P_s h_s + e_s;
+  3. `forward_kernel`: each segment again from its true start state h_s, writing y.
+The backward does the same in reverse with adjoints (`segment_adjoint_kernel`, then the combine
+dh_s = a_{s+1} + P_{s+1} dh_{s+1}, then `backward_kernel`). It costs twice the exps of the
+single pass. With S > 1 the length is padded to S·L_s (L_s a multiple of the chunk) with zero
+inputs at the end: causal, so the real steps are unchanged.
+
+Kept for the backward: the inputs, one float32 (N, D) state per chunk and sample, and ΣΔ per
+segment: O(B·L·D + B·(L/chunk)·D·N).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from dim_jax.ops import scan_pallas_kernels as v1
+from dim_jax.ops import scan_pallas_lanes_kernels as kernels
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static launch parameters: channels and warps per program (GPU), steps per chunk, segments."""
+
+  block_d: int  # 32 x num_warps x k: each lane owns k channels
+  num_warps: int
+  chunk: int
+  segments: int
+  prefetch: bool  # forward loads chunk c + 1 while computing chunk c
+  softplus: bool
+  interpret: bool
+
+
+DEFAULTS = dict(block_d=32, num_warps=1, chunk=8, segments=1, prefetch=False)
+
+
+def _compiler_params(cfg):
+  if cfg.interpret:
+    return None
+  from jax.experimental.pallas import triton as pltriton
+
+  return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+
+
+def _specs(seg_len, state, cfg):
+  """Blocks of one program of grid (batch b, segment s, channel block j)."""
+  bd, nc = cfg.block_d, -(-seg_len // cfg.chunk)
+  return dict(
+    rows=pl.BlockSpec((None, seg_len, bd), lambda b, s, j: (b, s, j)),  # (B, L, D)
+    state_rows=pl.BlockSpec((None, seg_len, state), lambda b, s, j: (b, s, 0)),  # B, C: (B, L, N)
+    param=pl.BlockSpec((state, bd), lambda b, s, j: (0, j)),  # Aᵀ: (N, D)
+    vec=pl.BlockSpec((bd,), lambda b, s, j: (j,)),  # D, bias: (D,)
+    seg_state=pl.BlockSpec((None, None, state, bd), lambda b, s, j: (b, s, 0, j)),  # (B, S, N, D)
+    seg_vec=pl.BlockSpec((None, None, bd), lambda b, s, j: (b, s, j)),  # (B, S, D)
+    chunk_states=pl.BlockSpec((None, nc, state, bd), lambda b, s, j: (b, s, 0, j)),
+    block_partial=pl.BlockSpec((None, None, seg_len, state), lambda b, s, j: (b, j, s, 0)),
+  )
+
+
+def _call(cfg, kernel, name, ins, in_specs, out_shape, out_specs, grid, **static):
+  return pl.pallas_call(
+    functools.partial(kernel, chunk=cfg.chunk, softplus=cfg.softplus, **static),
+    out_shape=out_shape,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    compiler_params=_compiler_params(cfg),
+    interpret=cfg.interpret,
+    name=name,
+  )(*ins)
+
+
+def _segment_starts(cfg, u, delta, a2, B, bias):
+  """True state entering each segment, (B, S, N, D), and ΣΔ per segment, (B, S, D)."""
+  batch, length, channels = u.shape
+  seg_len, state = length // cfg.segments, a2.shape[0]
+  grid = (batch, cfg.segments, channels // cfg.block_d)
+  s = _specs(seg_len, state, cfg)
+  ends, dt_sum = _call(
+    cfg, kernels.segment_end_kernel, "selective_scan_lanes_ends",
+    (u, delta, B, a2, bias), [s["rows"], s["rows"], s["state_rows"], s["param"], s["vec"]],
+    (jax.ShapeDtypeStruct((batch, cfg.segments, state, channels), F32),
+     jax.ShapeDtypeStruct((batch, cfg.segments, channels), F32)),
+    (s["seg_state"], s["seg_vec"]), grid, seg_len=seg_len,
+  )  # fmt: skip
+  decay = jnp.exp2(dt_sum[:, :, None, :] * a2)  # (B, S, N, D): P_s
+  starts = [jnp.zeros_like(ends[:, 0])]
+  for i in range(cfg.segments - 1):  # S - 1 elementwise steps: XLA fuses them
+    starts.append(decay[:, i] * starts[-1] + ends[:, i])
+  return jnp.stack(starts, axis=1), dt_sum
+
+
+def _forward(cfg, u, delta, a2, B, C, D, bias, z):
+  batch, length, channels = u.shape
+  seg_len, state = length // cfg.segments, a2.shape[0]
+  grid = (batch, cfg.segments, channels // cfg.block_d)
+  if cfg.segments > 1:
+    h0, dt_sum = _segment_starts(cfg, u, delta, a2, B, bias)
+  else:
+    h0 = jnp.zeros((batch, 1, state, channels), F32)
+    dt_sum = jnp.zeros((batch, 1, channels), F32)  # unused: no segments to combine
+  s = _specs(seg_len, state, cfg)
+  has_z = z is not None
+  ins = (u, delta, *((z,) if has_z else ()), B, C, a2, D, bias, h0)
+  in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
+  in_specs += [s["state_rows"], s["state_rows"], s["param"], s["vec"], s["vec"], s["seg_state"]]
+  num_chunks = cfg.segments * -(-seg_len // cfg.chunk)
+  y, states = _call(
+    cfg, kernels.forward_kernel, "selective_scan_lanes_fwd", ins, in_specs,
+    (jax.ShapeDtypeStruct(u.shape, u.dtype),
+     jax.ShapeDtypeStruct((batch, num_chunks, state, channels), F32)),
+    (s["rows"], s["chunk_states"]), grid,
+    seg_len=seg_len, has_z=has_z, prefetch=cfg.prefetch,
+  )  # fmt: skip
+  return y, states, dt_sum
+
+
+def _segment_end_adjoints(cfg, delta, a2, C, bias, z, g, dt_sum):
+  """Adjoint entering each segment's end from the later segments, (B, S, N, D)."""
+  batch, length, channels = delta.shape
+  seg_len, state = length // cfg.segments, a2.shape[0]
+  grid = (batch, cfg.segments, channels // cfg.block_d)
+  s = _specs(seg_len, state, cfg)
+  has_z = z is not None
+  ins = (delta, g, *((z,) if has_z else ()), C, a2, bias)
+  in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
+  in_specs += [s["state_rows"], s["param"], s["vec"]]
+  local = _call(
+    cfg, kernels.segment_adjoint_kernel, "selective_scan_lanes_adjoints", ins, in_specs,
+    jax.ShapeDtypeStruct((batch, cfg.segments, state, channels), F32), s["seg_state"], grid,
+    seg_len=seg_len, has_z=has_z,
+  )  # fmt: skip
+  decay = jnp.exp2(dt_sum[:, :, None, :] * a2)  # (B, S, N, D)
+  ends = [jnp.zeros_like(local[:, 0])]
+  for i in reversed(range(1, cfg.segments)):  # dh_{i-1} = a_i + P_i dh_i
+    ends.append(local[:, i] + decay[:, i] * ends[-1])
+  return jnp.stack(ends[::-1], axis=1)
+
+
+def _backward(cfg, res, g):
+  u, delta, a2, B, C, D, bias, z, states, dt_sum = res
+  batch, length, channels = u.shape
+  seg_len, state = length // cfg.segments, a2.shape[0]
+  num_blocks = channels // cfg.block_d
+  grid = (batch, cfg.segments, num_blocks)
+  if cfg.segments > 1:
+    dh_end = _segment_end_adjoints(cfg, delta, a2, C, bias, z, g, dt_sum)
+  else:
+    dh_end = jnp.zeros((batch, 1, state, channels), F32)
+  s = _specs(seg_len, state, cfg)
+  has_z = z is not None
+  ins = (u, delta, *((z,) if has_z else ()), g, B, C, a2, D, bias, states, dh_end)
+  in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ()), s["rows"]]
+  in_specs += [s["state_rows"], s["state_rows"], s["param"], s["vec"], s["vec"]]
+  in_specs += [s["chunk_states"], s["seg_state"]]
+  seg_shape = (batch, cfg.segments, state, channels)
+  out_shape = [
+    jax.ShapeDtypeStruct(u.shape, u.dtype),
+    jax.ShapeDtypeStruct(delta.shape, delta.dtype),
+    *((jax.ShapeDtypeStruct(z.shape, z.dtype),) if has_z else ()),
+    jax.ShapeDtypeStruct((batch, num_blocks, length, state), F32),  # dB per channel block
+    jax.ShapeDtypeStruct((batch, num_blocks, length, state), F32),  # dC per channel block
+    jax.ShapeDtypeStruct(seg_shape, F32),  # dAᵀ per (sample, segment)
+    jax.ShapeDtypeStruct(seg_shape[:2] + (channels,), F32),  # dD per (sample, segment)
+    jax.ShapeDtypeStruct(seg_shape[:2] + (channels,), F32),  # dbias per (sample, segment)
+  ]
+  out_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
+  out_specs += [s["block_partial"], s["block_partial"], s["seg_state"], s["seg_vec"], s["seg_vec"]]
+  outs = _call(
+    cfg, kernels.backward_kernel, "selective_scan_lanes_bwd", ins, in_specs, tuple(out_shape),
+    tuple(out_specs), grid, seg_len=seg_len, has_z=has_z,
+  )  # fmt: skip
+  du, d_delta = outs[:2]
+  dz = outs[2] if has_z else None
+  db, dc, da, dd, dbias = outs[-5:]
+  return (
+    du,
+    d_delta,
+    (jnp.sum(da, axis=(0, 1)) * v1.LN_2).astype(a2.dtype),  # cotangent of A·log2 e
+    jnp.sum(db, axis=1).astype(B.dtype),
+    jnp.sum(dc, axis=1).astype(C.dtype),
+    jnp.sum(dd, axis=(0, 1)).astype(D.dtype),
+    jnp.sum(dbias, axis=(0, 1)).astype(bias.dtype),
+    dz,
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_scan(cfg, u, delta, a2, B, C, D, bias, z):
+  return _forward(cfg, u, delta, a2, B, C, D, bias, z)[0]
+
+
+def _fused_scan_fwd(cfg, u, delta, a2, B, C, D, bias, z):
+  y, states, dt_sum = _forward(cfg, u, delta, a2, B, C, D, bias, z)
+  return y, (u, delta, a2, B, C, D, bias, z, states, dt_sum)
+
+
+_fused_scan.defvjp(_fused_scan_fwd, _backward)
+
+
+def _pad_axis(x, axis, size):
+  if x is None or x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def selective_scan_pallas_lanes(
+  u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
+  num_warps=None, segments=None, prefetch=None, interpret=None,
+):  # fmt: skip
+  """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
+
+  Launch parameters left None take `DEFAULTS`. Channels are padded with zeros to a multiple of
+  block_d (A = 0, D = 0: the padded channels stay 0) and, with segments > 1, the length to
+  segments x (a multiple of the chunk); both are sliced off.
+  """
+  batch, length, channels = u.shape
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  segments = segments or DEFAULTS["segments"]
+  chunk = min(chunk_size or DEFAULTS["chunk"], -(-length // segments))
+  cfg = KernelConfig(
+    block_d=block_d or DEFAULTS["block_d"],
+    num_warps=num_warps or DEFAULTS["num_warps"],
+    chunk=chunk,
+    segments=segments,
+    prefetch=DEFAULTS["prefetch"] if prefetch is None else prefetch,
+    softplus=delta_softplus,
+    interpret=interpret,
+  )
+  padded_d = -(-channels // cfg.block_d) * cfg.block_d
+  seg_len = -(-length // segments)
+  padded_l = length if segments == 1 else segments * (-(-seg_len // chunk) * chunk)
+  if delta_bias is None:
+    delta_bias = jnp.zeros((channels,), F32)
+  a2 = A.astype(F32).T * v1.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)
+  u, delta, z = (_pad_axis(_pad_axis(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
+  B, C = (_pad_axis(x, 1, padded_l) for x in (B, C))
+  D, delta_bias = (_pad_axis(x, 0, padded_d) for x in (D, delta_bias))
+  a2 = _pad_axis(a2, 1, padded_d)
+  y = _fused_scan(cfg, u, delta, a2, B, C, D, delta_bias, z)  # (B, padded L, padded D)
+  return y[:, :length, :channels]

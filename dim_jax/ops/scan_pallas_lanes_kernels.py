@@ -1,0 +1,234 @@
+"""Pallas kernels of `impl="pallas_lanes"`: the selective scan with lanes = channels.
+
+Design (`.notes/scan.md`, "What would close the gap", item 1). One program owns one sample, one
+segment of time and `block_d` channels; every tensor in the kernel is a (block_d,) vector over
+channels, so a GPU lane owns whole channels: the per-(t, d) work (softplus, SiLU, converts, stores)
+is done once per channel, not once per (channel, state), and y's sum over the N states stays inside
+the lane. The state is N separate (block_d,) float32 vectors (a Python list unrolled at trace
+time), so the N recurrences of a channel are N independent multiply-add chains. B[t, n] and
+C[t, n] are the same for every channel: they are loaded as scalars (one uniform address, splat to
+all lanes), which needs no cross-lane traffic.
+
+Time is walked in chunks of `chunk` steps unrolled at trace time (`chunk_loop`, shared with v1);
+each chunk body is written in phases (loads, softplus, exps, the serial chains, outputs) so the
+independent work of the chunk's steps sits side by side for the in-order issue.
+
+Segments: a program walks `seg_len` steps starting from a given state (zero, or the true state at
+the segment start computed from `segment_end_kernel`'s results), so a long sequence can be split
+over S programs per channel block. The backward mirrors it: a program starts its reverse walk from
+a given adjoint (zero, or the one flowing in from later segments, from `segment_adjoint_kernel`).
+
+Refs carry the batch, segment and channel-block dimensions squeezed: rows are `ref[t]` (block_d,),
+B and C are (seg_len, N), Aᵀ·log2(e) is (N, block_d).
+"""
+
+import jax.numpy as jnp
+
+from dim_jax.ops.scan_pallas_kernels import LN_2, chunk_loop, sigmoid, stable_softplus
+
+F32 = jnp.float32
+
+
+def _loader(row_refs, scalar_refs, state):
+  """load(start, count) -> per step: the rows (block_d,) then, per scalar ref, N scalars."""
+
+  def load(start, count):
+    steps = []
+    for i in range(count):
+      t = start + i
+      rows = tuple(r[t].astype(F32) for r in row_refs)
+      scalars = tuple([r[t, n].astype(F32) for n in range(state)] for r in scalar_refs)
+      steps.append(rows + scalars)
+    return steps
+
+  return load
+
+
+def _deltas(pres, softplus):
+  return [stable_softplus(p) if softplus else p for p in pres]
+
+
+def _decays(dts, a2):
+  """exp(Δ_t A_n) = exp2(Δ_t · A_n log2 e): per step a list of N (block_d,) vectors."""
+  return [[jnp.exp2(dt * a) for a in a2] for dt in dts]
+
+
+def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch):
+  """Refs: u, δ, [z] (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
+  state entering the segment. Outputs: y (L_s, bd); the state entering each chunk (L_s/chunk, N,
+  bd), which the backward restarts from."""
+  u_ref, dt_ref, *refs = refs
+  z_ref = refs.pop(0) if has_z else None
+  b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref, y_ref, s_ref = refs
+  state = a_ref.shape[0]
+  a2 = [a_ref[n] for n in range(state)]  # N x (bd,)
+  d_skip = d_ref[...].astype(F32)
+  bias = bias_ref[...].astype(F32)
+  row_refs = (u_ref, dt_ref, z_ref) if has_z else (u_ref, dt_ref)
+
+  def body(index, start, count, steps, h):
+    for n in range(state):
+      s_ref[index, n] = h[n]
+    us = [s[0] for s in steps]
+    bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N scalars
+    dts = _deltas([s[1] + bias for s in steps], softplus)
+    dus = [dt * u for dt, u in zip(dts, us, strict=True)]
+    decays = _decays(dts, a2)
+    h, ys = list(h), []
+    for i in range(count):  # the only serial part: N independent chains through the chunk
+      y = d_skip * us[i]
+      for n in range(state):
+        h[n] = decays[i][n] * h[n] + dus[i] * bs[i][n]
+        y = y + cs[i][n] * h[n]
+      ys.append(y)
+    for i in range(count):
+      y = ys[i]
+      if has_z:
+        z = steps[i][2]
+        y = y * z * sigmoid(z)
+      y_ref[start + i] = y.astype(y_ref.dtype)
+    return h
+
+  h0 = [h0_ref[n] for n in range(state)]
+  load = _loader(row_refs, (b_ref, c_ref), state)
+  chunk_loop(seg_len, chunk, False, prefetch, load, body, h0)
+
+
+def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *, seg_len, chunk,
+                       softplus):  # fmt: skip
+  """A segment walked from a zero state. Refs: u, δ (L_s, bd); B (L_s, N); Aᵀ·log2 e (N, bd);
+  bias (bd,). Outputs: the segment's end state (N, bd) and ΣΔ over the segment (bd,), from which
+  the caller forms the segment's total decay exp(A ΣΔ)."""
+  state = a_ref.shape[0]
+  a2 = [a_ref[n] for n in range(state)]
+  bias = bias_ref[...].astype(F32)
+
+  def body(index, start, count, steps, carry):
+    del index, start
+    h, dt_sum = carry
+    dts = _deltas([s[1] + bias for s in steps], softplus)
+    decays = _decays(dts, a2)
+    h = list(h)
+    for i in range(count):
+      du = dts[i] * steps[i][0]
+      for n in range(state):
+        h[n] = decays[i][n] * h[n] + du * steps[i][2][n]
+    return h, dt_sum + sum(dts)
+
+  zeros = jnp.zeros(bias.shape, F32)
+  load = _loader((u_ref, dt_ref), (b_ref,), state)
+  h, dt_sum = chunk_loop(seg_len, chunk, False, False, load, body, ([zeros] * state, zeros))
+  for n in range(state):
+    h_ref[n] = h[n]
+  sum_ref[...] = dt_sum
+
+
+def _gated_cotangent(g, z):
+  """d loss / d y before the gate: g ⊙ SiLU(z)."""
+  return g * z * sigmoid(z)
+
+
+def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z):
+  """A segment's adjoint walked in reverse from zero at its end. Refs: δ, g, [z] (L_s, bd);
+  C (L_s, N); Aᵀ·log2 e (N, bd); bias (bd,). Output: d loss / d(state before the segment)
+  from this segment's outputs alone (N, bd)."""
+  dt_ref, g_ref, *refs = refs
+  z_ref = refs.pop(0) if has_z else None
+  c_ref, a_ref, bias_ref, dh_ref = refs
+  state = a_ref.shape[0]
+  a2 = [a_ref[n] for n in range(state)]
+  bias = bias_ref[...].astype(F32)
+  row_refs = (dt_ref, g_ref, z_ref) if has_z else (dt_ref, g_ref)
+
+  def body(index, start, count, steps, dh):
+    del index, start
+    dts = _deltas([s[0] + bias for s in steps], softplus)
+    decays = _decays(dts, a2)
+    gys = [_gated_cotangent(s[1], s[2]) if has_z else s[1] for s in steps]
+    dh = list(dh)
+    for i in reversed(range(count)):
+      for n in range(state):
+        dh[n] = (dh[n] + gys[i] * steps[i][-1][n]) * decays[i][n]
+    return dh
+
+  zeros = jnp.zeros(bias.shape, F32)
+  load = _loader(row_refs, (c_ref,), state)
+  dh = chunk_loop(seg_len, chunk, True, False, load, body, [zeros] * state)
+  for n in range(state):
+    dh_ref[n] = dh[n]
+
+
+def backward_kernel(*refs, seg_len, chunk, softplus, has_z):
+  """Refs: u, δ, [z], g (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); the states
+  entering each chunk (L_s/chunk, N, bd); the adjoint entering the segment's end (N, bd).
+  Outputs: du, dδ, [dz] (L_s, bd); this block's partial sums of dB, dC (L_s, N); this program's
+  partial dAᵀ (N, bd), dD, dbias (bd,).
+
+  Per chunk: reload its start state, recompute decays and states in registers, then run the
+  adjoint dh_t = C_t gy_t + exp(Δ_{t+1} A) dh_{t+1} backwards. dB and dC sum over channels: one
+  in-block reduction (jnp.sum of a (bd,) vector) per (t, n), stored as a scalar."""
+  u_ref, dt_ref, *refs = refs
+  z_ref = refs.pop(0) if has_z else None
+  (g_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, s_ref, dh_end_ref,
+   du_ref, ddt_ref, *refs) = refs  # fmt: skip
+  dz_ref = refs.pop(0) if has_z else None
+  db_ref, dc_ref, da_ref, dd_ref, dbias_ref = refs
+  state = a_ref.shape[0]
+  a2 = [a_ref[n] for n in range(state)]
+  d_skip = d_ref[...].astype(F32)
+  bias = bias_ref[...].astype(F32)
+  row_refs = (u_ref, dt_ref, g_ref, z_ref) if has_z else (u_ref, dt_ref, g_ref)
+
+  def body(index, start, count, steps, carry):
+    dh, d_a, d_d, d_bias = carry  # N x (bd,), N x (bd,), (bd,), (bd,)
+    dh, d_a = list(dh), list(d_a)
+    us, gs = [s[0] for s in steps], [s[2] for s in steps]
+    bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]
+    pres = [s[1] + bias for s in steps]
+    dts = _deltas(pres, softplus)
+    dus = [dt * u for dt, u in zip(dts, us, strict=True)]
+    decays = _decays(dts, a2)
+    # Recompute the chunk's states from its saved start state: states[i + 1] is h after step i.
+    states = [[s_ref[index, n] for n in range(state)]]
+    for i in range(count):
+      states.append([decays[i][n] * states[i][n] + dus[i] * bs[i][n] for n in range(state)])
+    gys = []
+    for i in range(count):
+      if has_z:
+        z, sig = steps[i][3], sigmoid(steps[i][3])
+        y = d_skip * us[i]
+        for n in range(state):
+          y = y + cs[i][n] * states[i + 1][n]  # output before the gate
+        dz_ref[start + i] = (gs[i] * y * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
+        gys.append(gs[i] * z * sig)
+      else:
+        gys.append(gs[i])
+    for i in reversed(range(count)):
+      t = start + i
+      dh_b = jnp.zeros_like(d_skip)  # Σ_n dh_n B_n
+      d_log2 = jnp.zeros_like(d_skip)  # Σ_n d loss/d(Δ A_n) · A_n log2 e
+      for n in range(state):
+        dh[n] = dh[n] + gys[i] * cs[i][n]  # d loss / d h_t
+        dc_ref[t, n] = jnp.sum(gys[i] * states[i + 1][n])
+        db_ref[t, n] = jnp.sum(dh[n] * dus[i])
+        d_log_decay = dh[n] * states[i][n] * decays[i][n]  # d loss / d(Δ_t A_n)
+        d_a[n] = d_a[n] + d_log_decay * dts[i]
+        d_log2 = d_log2 + d_log_decay * a2[n]
+        dh_b = dh_b + dh[n] * bs[i][n]
+        dh[n] = dh[n] * decays[i][n]  # carried to h_{t-1}
+      d_dt = d_log2 * LN_2 + us[i] * dh_b
+      du_ref[t] = (dts[i] * dh_b + d_skip * gys[i]).astype(du_ref.dtype)
+      d_pre = d_dt * sigmoid(pres[i]) if softplus else d_dt
+      ddt_ref[t] = d_pre.astype(ddt_ref.dtype)
+      d_d = d_d + gys[i] * us[i]
+      d_bias = d_bias + d_pre
+    return dh, d_a, d_d, d_bias
+
+  zeros = jnp.zeros(d_skip.shape, F32)
+  carry = ([dh_end_ref[n] for n in range(state)], [zeros] * state, zeros, zeros)
+  load = _loader(row_refs, (b_ref, c_ref), state)
+  _, d_a, d_d, d_bias = chunk_loop(seg_len, chunk, True, False, load, body, carry)
+  for n in range(state):
+    da_ref[n] = d_a[n]
+  dd_ref[...] = d_d
+  dbias_ref[...] = d_bias
