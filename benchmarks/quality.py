@@ -2,6 +2,12 @@
 
   .venv/bin/python benchmarks/quality.py                       # the real-data floor only
   .venv/bin/python benchmarks/quality.py --samples workdir/fmnist/samples.npz   # + a model's
+  .venv/bin/python benchmarks/quality.py --train fmnist,dim-S/2,dit-S/2 --steps 2000  # train too
+
+--train trains each named recipe with `python -m dim_jax.main` (configs/fashion_mnist.py, with the
+backbone swapped for dim-S/2 and dit-S/2 so that DiM and DiT are compared at the same steps, batch
+and sampler), samples --num_samples images from its EMA weights and scores them. Each run's
+workdir is kept under --workdir_root, so a second call resumes or only re-scores.
 
 The classifier (dim_jax/fmnist_classifier.py) is trained once on the 60 000 training images and
 cached in --cache_dir (about 3 minutes on 2 CPU cores). Its penultimate features give the Fréchet
@@ -16,8 +22,10 @@ configs/fashion_mnist.py (its docstring has the command).
 
 import argparse
 import datetime
+import glob
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -31,6 +39,13 @@ from dim_jax.data import fashion_mnist  # noqa: E402
 
 HALF = 5000  # images per side: the test set's halves
 BATCH = 500
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --train recipes: configs/fashion_mnist.py plus these overrides.
+RECIPES = {
+  "fmnist": [],  # the recipe as written (a DiM of width 256, depth 13)
+  "dim-S/2": ["--config.model.variant=S/2"],
+  "dit-S/2": ["--config.model.name=dit", "--config.model.variant=S/2"],
+}
 
 
 def batches(images: np.ndarray):
@@ -63,6 +78,33 @@ def read_samples(path: str) -> np.ndarray:
   raise ValueError(f"--samples={path!r} holds {sorted(data.keys())}: give an .npz with `images`.")
 
 
+def train_and_sample(recipe: str, args) -> tuple[str, float, float]:
+  """Trains `recipe` (resuming if its workdir has a checkpoint), samples it, returns the .npz path,
+  the training wall time (s) and the sampling wall time (s)."""
+  if recipe not in RECIPES:
+    raise SystemExit(f"--train: unknown recipe {recipe!r}; use some of {sorted(RECIPES)}.")
+  workdir = os.path.join(args.workdir_root, recipe.replace("/", "_"))
+  base = [sys.executable, "-m", "dim_jax.main", "--config=configs/fashion_mnist.py"]
+  base += [f"--workdir={workdir}", f"--config.data.data_dir={args.data_dir}", *RECIPES[recipe]]
+  base += [f"--config.model.dtype={args.dtype}", f"--config.sample.steps={args.sample_steps}"]
+  base += [f"--config.sample.batch_size={args.sample_batch}"]
+  if args.steps:
+    base.append(f"--config.train.num_steps={args.steps}")
+  if args.batch_size:
+    base.append(f"--config.train.batch_size={args.batch_size}")
+  timings = []
+  for extra in (
+    ["--config.sample.num_images=0"],
+    ["--mode=sample", f"--num_images={args.num_samples}"],
+  ):
+    start = time.perf_counter()
+    print("+", " ".join(base + extra), flush=True)
+    subprocess.run(base + extra, cwd=REPO, check=True)
+    timings.append(time.perf_counter() - start)
+  (npz,) = sorted(glob.glob(os.path.join(workdir, "sample_*.npz")), key=os.path.getmtime)[-1:]
+  return npz, timings[0], timings[1]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data_dir", default=fashion_mnist.DEFAULT_DIR)
@@ -70,8 +112,17 @@ def main():
   parser.add_argument("--samples", default=None, help=".npz of generated images to score")
   parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
   parser.add_argument("--no-append", action="store_true")
+  parser.add_argument("--train", default="", help=f"comma-separated recipes of {sorted(RECIPES)}")
+  parser.add_argument("--workdir_root", default="workdir/quality_runs")
+  parser.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's)")
+  parser.add_argument("--batch_size", type=int, default=0, help="global batch (0: the recipe's)")
+  parser.add_argument("--dtype", default="float32", help="compute dtype of the trained models")
+  parser.add_argument("--num_samples", type=int, default=HALF, help="images sampled per recipe")
+  parser.add_argument("--sample_steps", type=int, default=50)
+  parser.add_argument("--sample_batch", type=int, default=500)
   args = parser.parse_args()
 
+  trained = [(r, *train_and_sample(r, args)) for r in args.train.split(",") if r]
   start = time.perf_counter()
   classifier = fmnist_classifier.load_or_train(args.cache_dir, args.data_dir)
   train_s = time.perf_counter() - start
@@ -95,11 +146,16 @@ def main():
       None,
     ),
   ]
-  if args.samples:
-    model = score_generated(read_samples(args.samples), feature_fn, ref)
+  scored = [(args.samples, "")] if args.samples else []
+  scored += [
+    (npz, f"{recipe}, trained {t_train:.0f} s, sampled {t_sample:.0f} s: ")
+    for recipe, npz, t_train, t_sample in trained
+  ]
+  for path, label in scored:
+    model = score_generated(read_samples(path), feature_fn, ref)
     rows += [
       (
-        f"FD-FMNIST of {args.samples} ({model['num_samples']} samples)",
+        f"{label}FD-FMNIST of {path} ({model['num_samples']} samples)",
         f"{model['fd_fmnist']:.4f}",
         f"floor {floor['fd_fmnist']:.4f}",
         model["fd_fmnist"] / floor["fd_fmnist"],

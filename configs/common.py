@@ -12,10 +12,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   # Backbone. `variant` sets width, depth and patch size (DiM: "S/2", "L/2", "H/2"; DiT: "S/2",
-  # "B/2", "L/2", "XL/2"); None uses the explicit width / depth / patch_size below.
+  # "B/2", "L/2", "XL/2"); "" uses the explicit width / depth / patch_size below.
   c.model = dict(
     name="dim",  # dim | dit (the Transformer baseline)
-    variant=None,
+    variant="",
     width=512,
     depth=25,
     patch_size=2,
@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     scan_impl="auto",  # selective_scan impl: auto | reference | associative | chunked | pallas
     remat=False,  # rematerialise each block in the backward pass (memory for compute)
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
-    num_heads=8,  # DiT only, when variant is None
+    num_heads=8,  # DiT only, when variant is ""
     attention_impl="auto",  # DiT only: auto (cuDNN on GPU in bf16/fp16) | cudnn | xla
   )
 
@@ -144,7 +144,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     return c
   if arg != "smoke":
     raise ValueError(f"config argument {arg!r}: the only one is 'smoke'.")
-  c.model.update(variant=None, width=32, depth=5, patch_size=2, in_channels=3, num_classes=4)
+  c.model.update(variant="", width=32, depth=5, patch_size=2, in_channels=3, num_classes=4)
   c.model.update(d_state=4, dtype="float32", remat=False, scan_impl="auto")
   c.data.update(name="shapes", image_size=c.model.input_size, worker_count=0)
   c.train.update(batch_size=8, num_steps=10, log_every=5, checkpoint_every=5)

@@ -97,6 +97,8 @@ def _run_main(*args):
     (["--config.model.widht=3"], "widht"),
     (["--config.model.input_size=33"], "divisible by model.patch_size"),
     (["--config.sample.sampler=nope", "--mode=sample"], "nope"),
+    # A preset name from the command line reaches the preset table (the default is a string).
+    (["--config.model.variant=Q/2"], "model.variant='Q/2'"),
   ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message):

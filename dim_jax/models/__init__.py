@@ -24,7 +24,7 @@ def dim_preset(variant: str) -> dict:
   except (ValueError, KeyError):
     raise ValueError(
       f"model.variant={variant!r}: use one of {[f'{k}/2' for k in DIM_VARIANTS]} or set it to "
-      "None and give model.width and model.depth."
+      "'' and give model.width and model.depth."
     ) from None
 
 

@@ -46,7 +46,7 @@ def dit_preset(variant: str) -> dict:
   except (ValueError, KeyError):
     raise ValueError(
       f"model.variant={variant!r}: use one of {[f'{k}/2' for k in DIT_VARIANTS]} or set it to "
-      "None and give model.width, model.depth and model.num_heads."
+      "'' and give model.width, model.depth and model.num_heads."
     ) from None
 
 
