@@ -1,4 +1,5 @@
-"""Samplers, chosen by name; each is one jittable `lax.fori_loop` with one backbone call site.
+"""Samplers, chosen by name; each is one jittable `lax.fori_loop` with one backbone call site
+(two under upsample guidance: one per resolution, `upsample.py`).
 
 `steps` is the number of ε evaluations (NFE) for every sampler, so samplers compare at equal cost.
 Each keeps its paper's time grid (reference/dim-paper-and-code.md §3.2, §3.3):
