@@ -12,7 +12,7 @@ import pytest
 
 from dim_jax.ops.scan import selective_scan
 
-IMPLS = ("reference", "associative", "chunked", "pallas")
+IMPLS = ("reference", "associative", "chunked", "pallas", "pallas_lanes")
 FIELDS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -144,7 +144,7 @@ def test_bf16_inputs_match_float64_loop(impl):
   check_against_numpy(impl, x, jnp.bfloat16, 1e-2, seed, chunk_size=chunk)
 
 
-@pytest.mark.parametrize("impl", ["associative", "pallas"])
+@pytest.mark.parametrize("impl", ["associative", "pallas", "pallas_lanes"])
 def test_without_gate_or_softplus(impl):
   rng, seed = _rng()
   x = random_inputs(rng, 2, 13, 3, 4)
@@ -177,8 +177,68 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
     assert rel_err(grads[k], want_grads[k]) <= 1e-5, (k, seed)
 
 
+@pytest.mark.parametrize("segments, chunk", [(3, 4), (2, 8)])
+def test_pallas_lanes_segments_and_channel_blocks(segments, chunk):
+  """The sequence split over programs (length padded to segments x chunks) and several channel
+  blocks (dB, dC summed over blocks), in value and every gradient."""
+  from dim_jax.ops import scan_pallas_lanes
+
+  rng, seed = _rng()
+  x = random_inputs(rng, 2, 19, 40, 3)
+  args = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
+  g = np.random.default_rng(seed).normal(size=x["u"].shape)
+
+  def loss(a):
+    out = scan_pallas_lanes.selective_scan_pallas_lanes(
+      a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["delta_bias"], True, a["z"], chunk,
+      block_d=32, segments=segments,
+    )  # fmt: skip
+    return jnp.sum(out * g), out
+
+  grads, out = jax.jit(jax.grad(loss, has_aux=True))(args)
+  want_out, want_grads = numpy_scan(x, g)
+  assert rel_err(out, want_out) <= 1e-5, seed
+  for k in FIELDS:
+    assert rel_err(grads[k], want_grads[k]) <= 1e-5, (k, seed)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_lanes"])
+def test_kernels_lower_to_triton_for_h200(impl):
+  """Forward and backward kernels lower to Triton IR for an H200 (sm_90) without a GPU: the
+  lowering reads the target from an abstract device. Triton's own compile runs only on a GPU."""
+  from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+  from dim_jax.ops import scan_pallas, scan_pallas_lanes
+
+  def scan(u, delta, A, B, C, D, bias, z):
+    if impl == "pallas":
+      return scan_pallas.selective_scan_pallas(
+        u, delta, A, B, C, D, bias, True, z, 8, interpret=False
+      )
+    return scan_pallas_lanes.selective_scan_pallas_lanes(
+      u, delta, A, B, C, D, bias, True, z, 4, block_d=64, num_warps=2, segments=2,
+      interpret=False,
+    )  # fmt: skip
+
+  def grads(*a):
+    return jax.grad(lambda *a: jnp.sum(scan(*a).astype(jnp.float32)), argnums=range(8))(*a)
+
+  rows, rows_n = jax.ShapeDtypeStruct((2, 40, 64), jnp.bfloat16), (2, 40, 16)
+  rows_n = jax.ShapeDtypeStruct(rows_n, jnp.bfloat16)
+  vec = jax.ShapeDtypeStruct((64,), jnp.float32)
+  args = (rows, rows, jax.ShapeDtypeStruct((64, 16), jnp.float32), rows_n, rows_n, vec, vec, rows)
+  h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+  with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h200)):
+    for fn, kernels in ((scan, 1), (grads, 2)):
+      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+      want = kernels * (2 if impl == "pallas_lanes" else 1)  # segments: one more pass each way
+      assert text.count("__gpu$xla.gpu.triton") == want, (impl, fn.__name__)
+
+
 def test_unknown_impl_names_valid_ones():
   x = jnp.zeros((1, 2, 3))
-  with pytest.raises(ValueError, match="reference, associative, chunked, pallas, auto"):
+  with pytest.raises(
+    ValueError, match="reference, associative, chunked, pallas, pallas_lanes, auto"
+  ):
     selective_scan(x, x, jnp.zeros((3, 4)), jnp.zeros((1, 2, 4)), jnp.zeros((1, 2, 4)),
                    jnp.zeros(3), impl="cuda")  # fmt: skip
