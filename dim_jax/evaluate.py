@@ -68,12 +68,12 @@ def reference_stats(config, workdir: str) -> str:
   if not config.eval.ref_stats:
     raise ValueError("--mode=ref_stats writes to eval.ref_stats: set --config.eval.ref_stats=PATH.")
   feature_fn = _feature_fn(config)
-  it = data.create_train_iterator(
+  local, index = config.eval.batch_size, jax.process_index()
+  it = data.create_train_iterator(  # each process reads its own block of every global batch
     config.data,
-    batch_size=config.eval.batch_size,
+    batch_size=local * jax.process_count(),
     seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    rows=(index * local, (index + 1) * local),
   )
   num_batches = max(1, config.eval.num_samples // config.eval.batch_size)
   images = (sample.to_uint8(next(it)["image"]) for _ in range(num_batches))

@@ -59,6 +59,20 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def local_rows(mesh: jax.sharding.Mesh, global_batch_size: int) -> tuple[int, int]:
+  """Rows [start, stop) of each global batch that this process's devices hold: what its input
+  pipeline reads (data.create_train_iterator's `rows`)."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  spans = {index[0].indices(global_batch_size)[:2] for index in index_map.values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(
+      f"process {jax.process_index()} holds rows {sorted(spans)} of the batch, not one block: "
+      "order the mesh's devices by process (jax.make_mesh does)."
+    )
+  return start, stop
+
+
 def check_batch_divides(global_batch_size: int, mesh: jax.sharding.Mesh, accum: int = 1) -> None:
   """Each device must get whole examples, in every micro-batch."""
   devices = mesh.devices.size

@@ -223,10 +223,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
   train_iter = data.create_train_iterator(
     config.data,
-    batch_size=config.train.batch_size // jax.process_count(),
+    batch_size=config.train.batch_size,
     seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    rows=parallel.local_rows(mesh, config.train.batch_size),
   )
 
   # ---------------------------------------------------------------- Shard

@@ -73,7 +73,7 @@ def test_samples_follow_the_posterior_times_the_scale():
   moments[:, 1] = rng.uniform(-4, 1, size=(2, 3, 3, 4))
   moments[1, 0] += 100.0  # the flipped mean is far away: each sample shows which side it took
   example, scale, n = {"moments": moments, "label": 7}, 0.18215, 4000
-  sample = latents.SamplePosterior(seed, process_index=0, scale=scale, random_flip=True)
+  sample = latents.SamplePosterior(seed, scale=scale, random_flip=True)
   draws = [sample(position, example) for position in range(n)]
   assert all(d["label"] == 7 and d["image"].dtype == np.float32 for d in draws)
   z = np.stack([d["image"] for d in draws]).astype(np.float64) / scale  # (n, 3, 3, 4)

@@ -117,23 +117,25 @@ def test_every_epoch_is_a_new_permutation_of_the_split(index_data):
   assert not np.array_equal(epochs[0], epochs[1]), f"seed={seed}: epoch 2 repeats epoch 1"
 
 
-@pytest.mark.parametrize("num_examples", [30, 31])
-def test_process_shards_are_disjoint_and_cover_the_split(index_data, num_examples):
-  seed, count = _fresh_seed(), 2
-  # One epoch of each shard (the smaller one rounds down to whole batches of 1).
-  shards = [
-    set(
-      _labels(
-        data.create_train_iterator(
-          index_data(num_examples), batch_size=1, seed=seed, process_index=p, process_count=count
-        ),
-        len(range(p, num_examples, count)),
-      ).tolist()
+@pytest.mark.parametrize("num_processes", [2, 3])
+def test_process_rows_rebuild_the_single_process_batches(index_data, num_processes):
+  """Each process reads its block of rows of every global batch: stacked, the blocks equal the
+  one-process batches (same examples, same flips), across epoch boundaries, so a run's global
+  batches do not depend on the number of processes."""
+  seed, size, steps = _fresh_seed(), 6, 7  # 7 batches of 6 from 20 examples: crosses 2 epochs
+  single = _take(data.create_train_iterator(index_data(20), batch_size=size, seed=seed), steps)
+  bounds = np.linspace(0, size, num_processes + 1).astype(int)  # uneven blocks for 4 of 6 rows
+  per_process = [
+    _take(
+      data.create_train_iterator(index_data(20), batch_size=size, seed=seed, rows=(lo, hi)), steps
     )
-    for p in range(count)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
   ]
-  assert not shards[0] & shards[1], f"seed={seed}: shards overlap in {shards[0] & shards[1]}"
-  assert shards[0] | shards[1] == set(range(num_examples)), f"seed={seed}"
+  stacked = [
+    {key: np.concatenate([p[step][key] for p in per_process]) for key in single[step]}
+    for step in range(steps)
+  ]
+  _assert_same_batches(stacked, single, f"seed={seed}, {num_processes} processes")
 
 
 def test_random_flip_mirrors_about_half_the_images_and_nothing_else(index_data):
@@ -162,10 +164,9 @@ def test_bad_names_and_arguments_fail_with_one_clear_line():
   with pytest.raises(ValueError, match="data.name='mnist'.*shapes"):
     data.dataset_info(dict(name="mnist"))
   cfg = dict(name="shapes", num_examples=3)
-  with pytest.raises(ValueError, match="process_index=2"):
-    data.create_train_iterator(cfg, batch_size=1, seed=0, process_index=2, process_count=2)
-  with pytest.raises(ValueError, match="fewer than the 4 processes"):
-    data.create_train_iterator(cfg, batch_size=1, seed=0, process_index=0, process_count=4)
+  for rows in [(2, 2), (0, 5), (-1, 2)]:
+    with pytest.raises(ValueError, match=rf"rows \({rows[0]}, {rows[1]}\) .* batch of 4"):
+      data.create_train_iterator(cfg, batch_size=4, seed=0, rows=rows)
 
 
 def test_worker_processes_resume_exactly_too():

@@ -399,24 +399,41 @@ def test_scripts_are_shellcheck_clean():
 # --- two real JAX processes ----------------------------------------------------------------------
 
 
-def test_two_local_processes_train_and_checkpoint(tmp_path):
-  """Two CPU processes started by `gpu.sh --local=2` (gloo collectives over localhost) train two
-  steps of a tiny demo model through jax.distributed and write one checkpoint together."""
-  workdir = tmp_path / "workdir"
-  env = {
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-  }
+def _losses(log: str, prefix: str = "") -> dict[int, float]:
+  """{step: loss} from the metric writer's "[step] ... loss=value" log lines."""
+  pattern = rf"^{re.escape(prefix)}.*\[(\d+)\] .*\bloss=([-+0-9.e]+)"
+  return {int(step): float(loss) for step, loss in re.findall(pattern, log, re.M)}
+
+
+def test_two_local_processes_train_and_checkpoint_like_one(tmp_path):
+  """Two CPU processes started by `gpu.sh --local=2` (gloo collectives over localhost) train
+  three steps of a tiny demo model through jax.distributed and write one checkpoint together;
+  each reads its half of every global batch, so the losses equal one process's with the same
+  global batch (up to the order of the batch reduction: fp32 rounding)."""
+  flags = ["--config=configs/demo.py", "--config.train.num_steps=3",
+           "--config.train.batch_size=8", "--config.train.log_every=1",
+           "--config.train.checkpoint_every=3", "--config.model.width=32",
+           "--config.model.depth=5", "--config.model.patch_size=4", "--config.model.d_state=4",
+           "--config.sample.num_images=0"]  # fmt: skip
+  env = {k: v for k, v in os.environ.items() if k not in NO_SLURM_ENV}
+  env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  workdir = tmp_path / "two"
   proc = subprocess.run(
-    ["bash", GPU_SH, "--local=2", "--config=configs/demo.py", f"--workdir={workdir}",
-     "--config.train.num_steps=2", "--config.train.batch_size=8", "--config.train.log_every=1",
-     "--config.train.checkpoint_every=2", "--config.model.width=32", "--config.model.depth=5",
-     "--config.model.patch_size=4", "--config.model.d_state=4", "--config.sample.num_images=0"],
-    capture_output=True, text=True, cwd=REPO, timeout=540,
-    env={k: v for k, v in os.environ.items() if k not in NO_SLURM_ENV} | env,
+    ["bash", GPU_SH, "--local=2", f"--workdir={workdir}", *flags],
+    capture_output=True, text=True, cwd=REPO, timeout=540, env=env,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   for i in (0, 1):
     assert re.search(rf"^\[{i}\].*process {i} of 2", proc.stdout, re.M), f"process {i} not in job"
   steps = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps[-1] == "2", steps  # the final step (Orbax also keeps the very first one)
+  assert steps[-1] == "3", steps  # the final step (Orbax also keeps the very first one)
+
+  one = subprocess.run(
+    [sys.executable, "-m", "dim_jax.main", f"--workdir={tmp_path / 'one'}", *flags],
+    capture_output=True, text=True, cwd=REPO, timeout=540, env=env,
+  )  # fmt: skip
+  assert one.returncode == 0, one.stderr[-3000:]
+  want, got = _losses(one.stderr), _losses(proc.stdout, prefix="[0]")
+  assert sorted(want) == sorted(got) == [1, 2, 3], (want, got)
+  for step, loss in want.items():
+    assert abs(got[step] - loss) <= 1e-4 * abs(loss), f"step {step}: {got[step]} vs {loss}"

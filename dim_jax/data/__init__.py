@@ -1,10 +1,8 @@
 """Input pipelines: grain over random-access sources, host-local NumPy batches. No TensorFlow.
 
   info = data.dataset_info(data_cfg)  # DatasetInfo(image_shape=(H, W, C), num_classes, ...)
-  it = data.create_train_iterator(data_cfg, batch_size=per_process, seed=0,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-  batch = next(it)   # {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)}
+  it = data.create_train_iterator(data_cfg, batch_size=global_batch, seed=0, rows=(start, stop))
+  batch = next(it)   # its rows: {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)}
   counts = data.pop_counters(batch)  # {"bad_files": n, "converted": n} for file sources, else {}
 
 `data_cfg` fields (ConfigDict or dict). A field a source does not use is ignored by it; a missing

@@ -33,8 +33,8 @@ class ImageSource:
   def info(self) -> DatasetInfo:
     return DatasetInfo(tuple(self.image_shape), self.num_classes, len(self))
 
-  def augment(self, seed: int, process_index: int) -> preprocess.RandomFlip:
-    return preprocess.RandomFlip(seed, process_index, enabled=self.random_flip)
+  def augment(self, seed: int) -> preprocess.RandomFlip:
+    return preprocess.RandomFlip(seed, enabled=self.random_flip)
 
   def finalize(self, batch: dict) -> dict:
     return preprocess.scale_batch(batch)

@@ -112,12 +112,11 @@ def extract_latents(
 class SamplePosterior:
   """grain map_with_index transform: moments -> scaled posterior sample, one flip at random."""
 
-  def __init__(self, seed: int, process_index: int, scale: float, random_flip: bool):
-    self.seed, self.process_index = seed, process_index
-    self.scale, self.random_flip = scale, random_flip
+  def __init__(self, seed: int, scale: float, random_flip: bool):
+    self.seed, self.scale, self.random_flip = seed, scale, random_flip
 
   def __call__(self, position: int, example: dict) -> dict:
-    rng = preprocess.example_rng(self.seed, self.process_index, position)
+    rng = preprocess.example_rng(self.seed, position)
     side = int(rng.integers(2)) if self.random_flip else 0
     mean, logvar = example["moments"][side]  # (h, w, c) each
     std = np.exp(0.5 * np.clip(logvar, *_LOGVAR_RANGE))
@@ -160,8 +159,8 @@ class LatentSource:
   def info(self) -> DatasetInfo:
     return DatasetInfo(self.latent_shape, self.metadata["num_classes"], len(self))
 
-  def augment(self, seed: int, process_index: int) -> SamplePosterior:
-    return SamplePosterior(seed, process_index, self.scale, self.random_flip)
+  def augment(self, seed: int) -> SamplePosterior:
+    return SamplePosterior(seed, self.scale, self.random_flip)
 
   def finalize(self, batch: dict) -> dict:
     return dict(batch, label=batch["label"].astype(np.int32))

@@ -1,14 +1,18 @@
-"""The grain pipeline shared by every source: shard, shuffle per epoch, augment, batch, prefetch.
+"""The grain pipeline shared by every source: shuffle per epoch, augment, take this process's
+rows of each global batch, batch, prefetch.
 
-  source[process_index::process_count]    disjoint shards that together cover the split
-  .shuffle(seed).repeat()                 a new permutation every epoch (seed + epoch), endless
+  source.shuffle(seed).repeat()           the global stream: a new permutation every epoch
   .map_with_index(augment)                random flip / posterior sample keyed by stream position
+  rows (start, stop) of each global batch what this process's devices hold of it
   .to_iter_dataset(ReadOptions)           `read_threads` threads decode ahead of the consumer
-  .batch(batch_size).map(finalize)        uint8 -> float32 [-1, 1] on whole batches
+  .batch(stop - start).map(finalize)      uint8 -> float32 [-1, 1] on whole batches
   .mp_prefetch(worker_count)              worker processes when worker_count > 0
 
-Everything before `to_iter_dataset` is index-based, so the iterator's state is a position and a
-restored iterator yields exactly the batches an uninterrupted one would.
+Every process walks the same global stream and reads only its rows of each global batch, so the
+global batches, and with them a training run, are the same on any number of processes (one GPU
+or a pod give the same losses). Everything before `to_iter_dataset` is index-based, so the
+iterator's state is a position and a restored iterator yields exactly the batches an
+uninterrupted one would.
 """
 
 import grain
@@ -116,20 +120,38 @@ def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> 
   return dataset[process_index::process_count]
 
 
-def create_train_iterator(
-  data_cfg, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
-) -> grain.DatasetIterator:
-  """Endless iterator of this process's batches: {"image": float32 (b, H, W, C), "label": (b,)}.
+class RowsOfGlobalBatches:
+  """grain map: local position i -> the example at global position of row start + i % rows of
+  global batch i // rows. A class, not a closure, so grain's worker processes can pickle it."""
 
-  `batch_size` is per process. The iterator has get_state / set_state and is saved with
-  grain.checkpoint.CheckpointSave inside the Orbax checkpoint.
+  def __init__(self, stream: grain.MapDataset, batch_size: int, rows: tuple[int, int]):
+    self.stream, self.batch_size, self.rows = stream, batch_size, rows
+
+  def __call__(self, position: int) -> dict:
+    start, stop = self.rows
+    batch, row = divmod(position, stop - start)
+    return self.stream[batch * self.batch_size + start + row]
+
+
+def create_train_iterator(
+  data_cfg, *, batch_size: int, seed: int, rows: tuple[int, int] | None = None
+) -> grain.DatasetIterator:
+  """Endless iterator of this process's rows of each global batch of `batch_size` examples:
+  {"image": float32 (stop - start, H, W, C), "label": (stop - start,)}.
+
+  `rows` = (start, stop): the rows of the global batch this process reads (default: all of them;
+  train.py takes those its devices hold, `parallel.local_rows`). The iterator has get_state /
+  set_state and is saved with grain.checkpoint.CheckpointSave inside the Orbax checkpoint.
   """
+  start, stop = (int(r) for r in rows or (0, batch_size))
+  if not 0 <= start < stop <= batch_size:
+    raise ValueError(f"rows {(start, stop)} are not a non-empty part of a batch of {batch_size}.")
   source = make_source(data_cfg)
-  dataset = shard(grain.MapDataset.source(source), process_index, process_count)
-  dataset = dataset.shuffle(seed=seed % 2**32).repeat()
-  dataset = dataset.map_with_index(source.augment(seed, process_index))
-  stream = batched_stream(dataset, data_cfg, batch_size, source.finalize, drop_remainder=True)
-  return iter(stream)
+  stream = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
+  stream = stream.map_with_index(source.augment(seed))
+  local = grain.MapDataset.range(len(stream) // batch_size * (stop - start))
+  local = local.map(RowsOfGlobalBatches(stream, batch_size, (start, stop)))
+  return iter(batched_stream(local, data_cfg, stop - start, source.finalize, drop_remainder=True))
 
 
 def batched_stream(

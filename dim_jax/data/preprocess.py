@@ -39,23 +39,24 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-def example_rng(seed: int, process_index: int, position: int) -> np.random.Generator:
-  """The random stream of one example: a function of (seed, process, stream position) only.
+def example_rng(seed: int, position: int) -> np.random.Generator:
+  """The random stream of one example: a function of (seed, global stream position) only.
 
-  Keyed by position in the process's endless stream (not by the example), so an example gets a
-  fresh flip / posterior sample every epoch, and a restored iterator draws the same numbers.
+  Keyed by position in the endless global stream (not by the example), so an example gets a
+  fresh flip / posterior sample every epoch, a restored iterator draws the same numbers, and
+  every process count draws the same numbers for the same row of the same global batch.
   """
-  return np.random.default_rng((seed, process_index, position))
+  return np.random.default_rng((seed, position))
 
 
 class RandomFlip:
   """grain map_with_index transform: horizontal flip of example["image"] with probability 1/2."""
 
-  def __init__(self, seed: int, process_index: int, enabled: bool = True):
-    self.seed, self.process_index, self.enabled = seed, process_index, enabled
+  def __init__(self, seed: int, enabled: bool = True):
+    self.seed, self.enabled = seed, enabled
 
   def __call__(self, position: int, example: dict) -> dict:
-    if self.enabled and example_rng(self.seed, self.process_index, position).random() < 0.5:
+    if self.enabled and example_rng(self.seed, position).random() < 0.5:
       example = dict(example, image=example["image"][:, ::-1])
     return example
 
