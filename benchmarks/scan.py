@@ -11,8 +11,11 @@ shape without pads, and DiM-S/L widths at 256². Inputs u, δ, B, C, z in bf16; 
   kept        bytes the VJP keeps for the backward beyond the inputs themselves
   temp        XLA's temporary buffers of the compiled forward+backward
 
-Usage (repo root): PYTHONPATH=. python3 benchmarks/scan.py [--part tune|table|all] [--out DIR]
-  [--results benchmarks/RESULTS.md] [--budget SECONDS] [--quick]
+Usage (repo root): PYTHONPATH=. python3 benchmarks/scan.py [--part tune|table|all|lanes]
+  [--out DIR] [--results benchmarks/RESULTS.md] [--budget SECONDS] [--quick]
+--part lanes (v2 kernel, impl="pallas_lanes"): checks it against impl="reference" on the GPU,
+sweeps its launch parameters against v1 at the two goal shapes, then times the best setting at
+every shape; about 6 minutes on an H200 with --budget 300.
 Only jax and numpy are needed.
 """
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import results
-from dim_jax.ops import scan_pallas
+from dim_jax.ops import scan_pallas, scan_pallas_lanes
 from dim_jax.ops.scan import selective_scan
 
 EXP_RATE = 132 * 16 * 1.98e9  # H200 special-function-unit exponentials per second
@@ -56,7 +59,23 @@ SMOKE_SWEEPS = {(37, 2): dict(fwd=[(8, 1, 16), (16, 1, 8)], bwd=[(4, 1, True)])}
 TUNE_SWEEPS = {
   (9216, 1): dict(fwd=[(4, 1, 8), (4, 1, 4)], bwd=[]),
 }
-CHECK_IMPLS = ("pallas",)  # impls checked against the reference on the GPU (XLA ones: run 1)
+CHECK_IMPLS = (("pallas", {}),)  # (impl, kwargs) checked against the reference on the GPU
+# Lanes kernel (part "lanes"), (block_d, num_warps, chunk, segments, prefetch) tried per
+# (L, batch), forward only; then forward+backward at the best forward and at its other chunk.
+# block_d = 32 x warps x k channels per lane; chunk 4 keeps 0.45 GB of states at L = 9216 (> 0.3).
+LANES_KEYS = ("block_d", "num_warps", "chunk", "segments", "prefetch")
+LANES_SWEEPS = {
+  (9216, 1): [(32, 1, 8, 1, False), (32, 1, 8, 4, False), (32, 1, 8, 8, False),
+              (64, 1, 8, 8, False), (64, 2, 8, 8, False), (32, 1, 4, 8, False),
+              (32, 1, 8, 8, True)],
+  (366, 64): [(32, 1, 8, 1, False), (64, 1, 8, 1, False), (64, 2, 8, 1, False),
+              (32, 1, 4, 1, False)],
+}  # fmt: skip
+SMOKE_LANES_SWEEPS = {(37, 2): [(32, 1, 8, 1, False), (32, 1, 4, 2, False)]}
+LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass
+  (jnp.float32, dict(block_d=64, num_warps=2, chunk=4, segments=4)),
+  (jnp.bfloat16, dict(block_d=32, num_warps=1, chunk=8, segments=1)),
+)
 # XLA impls are timed at these (L, batch) only (each costs minutes of compile on the device);
 # reference/selective-scan.md §1 has them at 9216 x 1 as well.
 XLA_SHAPES = {(366, 64), (1230, 8), (9216, 1)}
@@ -92,11 +111,11 @@ def make_fns(impl, **kwargs):
   """(forward, forward+backward) jitted functions of the ARGS tuple plus the cotangent g."""
 
   def fwd(u, delta, A, B, C, D, delta_bias, z):
-    if impl == "pallas":
-      return scan_pallas.selective_scan_pallas(
-        u, delta, A, B, C, D, delta_bias, True, z, kwargs.get("chunk"),
-        **{k: v for k, v in kwargs.items() if k != "chunk"},
-      )  # fmt: skip
+    kernel = dict(pallas=scan_pallas.selective_scan_pallas,
+                  pallas_lanes=scan_pallas_lanes.selective_scan_pallas_lanes).get(impl)  # fmt: skip
+    if kernel is not None:
+      rest = {k: v for k, v in kwargs.items() if k != "chunk"}
+      return kernel(u, delta, A, B, C, D, delta_bias, True, z, kwargs.get("chunk"), **rest)
     return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, z=z, impl=impl)
 
   def loss(args, g):
@@ -155,29 +174,42 @@ def kept_bytes(fn, args):
   return total
 
 
-def measure(name, impl, shape, x, out_dir, check=None, memory=True, **kwargs):
-  """Times forward and forward+backward of one impl at one shape; logs one record."""
+def measure(name, impl, shape, x, out_dir, check=None, memory=True, fb=True, keep=None, **kwargs):
+  """Times forward (and forward+backward) of one impl at one shape; logs one record. `check`:
+  outputs (and grads) of a trusted impl named check["name"]; `keep`: a dict that receives this
+  impl's outputs (and grads) for later checks."""
   length, channels, state, batch = shape
   fwd, grad, raw = make_fns(impl, **kwargs)
   args = tuple(x[k] for k in ARGS)
   rec = dict(kind="time", shape=name, impl=impl, L=length, D=channels, N=state, batch=batch)
   rec.update({k: v for k, v in kwargs.items()})
+  vs = check.get("name", "chunked") if check else "chunked"
   try:
     t0 = time.perf_counter()
     fwd_s, rec["fwd_spread"] = timed(fwd, *args)
     rec["fwd_ms"] = fwd_s * 1e3
     rec["fwd_first_s"] = time.perf_counter() - t0
-    if check is not None:
-      rec["fwd_rel_err_vs_chunked"] = rel_err(fwd(*args), check["out"])
+    if check is not None or keep is not None:
+      out = fwd(*args)
+      if check is not None:
+        rec[f"fwd_rel_err_vs_{vs}"] = rel_err(out, check["out"])
+      if keep is not None:
+        keep.update(name=impl, out=out)
+    if not fb:
+      log(rec, out_dir)
+      return rec
     t0 = time.perf_counter()
-    fb = timed(grad, args, x["g"])
-    rec["fb_ms"], rec["fb_spread"] = fb[0] * 1e3, fb[1]
+    fb_s = timed(grad, args, x["g"])
+    rec["fb_ms"], rec["fb_spread"] = fb_s[0] * 1e3, fb_s[1]
     rec["fb_first_s"] = time.perf_counter() - t0
-    if check is not None and "grads" in check:
+    if (check is not None and "grads" in check) or keep is not None:
       grads = grad(args, x["g"])
-      rec["grad_rel_err_vs_chunked"] = max(
-        rel_err(a, b) for a, b in zip(grads, check["grads"], strict=True)
-      )
+      if check is not None and "grads" in check:
+        rec[f"grad_rel_err_vs_{vs}"] = max(
+          rel_err(a, b) for a, b in zip(grads, check["grads"], strict=True)
+        )
+      if keep is not None:
+        keep["grads"] = grads
     if memory:
       mem = grad.lower(args, x["g"]).compile().memory_analysis()
       rec["fb_temp_gb"] = mem.temp_size_in_bytes / 1e9
@@ -204,26 +236,26 @@ def attention_ms(length, channels, batch, out_dir, name):
   return rec
 
 
-def check_small(out_dir):
-  """Every impl against the sequential reference on the GPU: fp32 and bf16 inputs, all grads."""
-  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+def check_small(out_dir, checks=None):
+  """Kernels against the sequential reference on the GPU, all grads: `checks` is a list of
+  (dtype, impl, kwargs); by default CHECK_IMPLS with fp32 and bf16 inputs."""
+  checks = checks or [(d, i, kw) for d in (jnp.float32, jnp.bfloat16) for i, kw in CHECK_IMPLS]
+  for dtype, impl, kw in checks:
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
     x = inputs(45 if SMOKE else 1030, 24 if SMOKE else 512, 16, 2, dtype, seed=3)
     args = tuple(x[k] for k in ARGS)
     want_f, want_g, _ = make_fns("reference")
     want_out, want_grads = want_f(*args), want_g(args, x["g"])
-    for impl, kw in [(i, {}) for i in CHECK_IMPLS]:
-      f, gfn, _ = make_fns(impl, **kw)
-      rec = dict(kind="check", impl=impl, dtype=jnp.dtype(dtype).name, tol=tol)
-      try:
-        errs = {"out": rel_err(f(*args), want_out)}
-        grads = gfn(args, x["g"])
-        errs.update(
-          {f"d{k}": rel_err(a, b) for k, a, b in zip(ARGS, grads, want_grads, strict=True)}
-        )
-        rec.update(errs, ok=all(v <= tol for v in errs.values()))
-      except Exception as e:  # noqa: BLE001
-        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-      log(rec, out_dir)
+    f, gfn, _ = make_fns(impl, **kw)
+    rec = dict(kind="check", impl=impl, dtype=jnp.dtype(dtype).name, tol=tol, **kw)
+    try:
+      errs = {"out": rel_err(f(*args), want_out)}
+      grads = gfn(args, x["g"])
+      errs.update({f"d{k}": rel_err(a, b) for k, a, b in zip(ARGS, grads, want_grads, strict=True)})
+      rec.update(errs, max_rel_err=max(errs.values()), ok=all(v <= tol for v in errs.values()))
+    except Exception as e:  # noqa: BLE001
+      rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    log(rec, out_dir)
 
 
 def over_budget(budget):
@@ -297,6 +329,91 @@ def table(out_dir, budget, bandwidth, quick, impls):
   return [r[1:] for r in rows]
 
 
+def lanes_kept_gb(length, channels, state, batch, chunk, segments):
+  """States the lanes kernel keeps for its backward (one (N, D) fp32 state per chunk and sample;
+  the length padded to segments x chunks), plus ΣΔ per segment."""
+  seg_len = -(-length // segments)
+  seg_chunks = -(-seg_len // chunk)
+  return batch * channels * 4 * (segments * seg_chunks * state + segments) / 1e9
+
+
+def lanes_label(kw):
+  return "pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments}".format(**kw) + (
+    " pf" if kw.get("prefetch") else ""
+  )
+
+
+def tune_lanes(out_dir, budget):
+  """v1 (its defaults) and the lanes kernel's settings at the two goal shapes. Forward of every
+  setting, checked against v1's output; then forward+backward (grads checked against v1's) of
+  the fastest forward and of the same with the other chunk. Returns the rows (v1 and the best
+  lanes setting per shape) and the best settings keyed by (L, batch)."""
+  rows, best = [], {}
+  for (length, batch), sweep in (SMOKE_LANES_SWEEPS if SMOKE else LANES_SWEEPS).items():
+    shape = (length, 64 if SMOKE else 3072, 16, batch)
+    x = inputs(*shape)
+    name = f"L={length} b={batch}"
+    trusted = {}
+    v1 = measure(name, "pallas", shape, x, out_dir, memory=False, keep=trusted)
+    v1["label"] = "pallas (v1, defaults)"
+    rows.append(v1)
+    check = trusted if "grads" in trusted else None
+    fwd_recs = []
+    for setting in sweep:
+      if over_budget(budget):
+        log(dict(kind="skipped", shape=name, setting=setting, why="time budget"), out_dir)
+        continue
+      kw = dict(zip(LANES_KEYS, setting, strict=True))
+      rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, fb=False, **kw)
+      if "fwd_ms" in rec:
+        fwd_recs.append((rec["fwd_ms"], kw))
+    if not fwd_recs:
+      continue
+    fastest = min(fwd_recs, key=lambda r: r[0])[1]
+    other = dict(fastest, chunk=4 if fastest["chunk"] == 8 else 8)
+    fb_recs = []
+    for kw in (fastest, other):
+      if over_budget(budget):
+        log(dict(kind="skipped", shape=name, fb_setting=kw, why="time budget"), out_dir)
+        continue
+      rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, memory=False, **kw)
+      rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(*shape, kw["chunk"], kw["segments"]))
+      if "fb_ms" in rec:
+        fb_recs.append(rec)
+    # The setting for training: fastest forward+backward (the forward alone is in the records).
+    pick = min(fb_recs, key=lambda r: r["fb_ms"]) if fb_recs else None
+    best[(length, batch)] = {k: pick[k] for k in LANES_KEYS} if pick else fastest
+    rows.extend(fb_recs)
+    log(dict(kind="best_lanes", L=length, batch=batch, **best[(length, batch)]), out_dir)
+  return rows, best
+
+
+def lanes_table(out_dir, budget, bandwidth, tuned, best):
+  """The tuned rows, then the best lanes setting at every other shape: batch <= 4 takes the
+  L=9216 b=1 setting (sequence split), larger batches the L=366 b=64 one."""
+  long_kw = best.get((9216, 1), dict(scan_pallas_lanes.DEFAULTS, segments=8))
+  wide_kw = best.get((366, 64), dict(scan_pallas_lanes.DEFAULTS))
+  if SMOKE:
+    long_kw = wide_kw = best.get((37, 2), dict(scan_pallas_lanes.DEFAULTS))
+  rows = []
+  for name, length, channels, state, batch in SMOKE_SHAPES if SMOKE else SHAPES:
+    shape = (length, channels, state, batch)
+    if over_budget(budget):
+      log(dict(kind="skipped", shape=name, impl="pallas_lanes", why="time budget"), out_dir)
+      continue
+    att = attention_ms(length, channels, batch, out_dir, name)
+    done = [r for r in tuned if (r["L"], r["D"], r["batch"]) == (length, channels, batch)]
+    for rec in done:
+      rows.append((dict(rec, shape=name), floors(*shape, bandwidth), att))
+    if done:
+      continue
+    kw = long_kw if batch <= 4 else wide_kw
+    rec = measure(name, "pallas_lanes", shape, inputs(*shape), out_dir, memory=False, **kw)
+    rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(*shape, kw["chunk"], kw["segments"]))
+    rows.append((rec, floors(*shape, bandwidth), att))
+  return rows
+
+
 def fmt(v, spec=".3f"):
   return "–" if v is None else format(v, spec)
 
@@ -317,13 +434,15 @@ def render(rows, bandwidth, device, command):
   for rec, fl, att in rows:
     shape = f"{rec['shape']} ({rec['L']}, {rec['D']}, {rec['N']}, {rec['batch']})"
     if "error" in rec:
-      lines.append(f"| {shape} | {rec['impl']} | error: {rec['error'][:80]} |" + " |" * 10)
+      lines.append(
+        f"| {shape} | {rec.get('label', rec['impl'])} | error: {rec['error'][:80]} |" + " |" * 10
+      )
       continue
     f, b = rec.get("fwd_ms"), rec.get("fb_ms")
     ef, eb, bf, bb = (fl[k] * 1e3 for k in ("exp_fwd", "exp_fb", "byte_fwd", "byte_fb"))
     off = OFFICIAL.get((rec["L"], rec["batch"])) if rec["D"] == 3072 else None
     lines.append(
-      f"| {shape} | {rec['impl']} | {fmt(f)} | {fmt(b)} | {ef:.3f} / {eb:.3f} "
+      f"| {shape} | {rec.get('label', rec['impl'])} | {fmt(f)} | {fmt(b)} | {ef:.3f} / {eb:.3f} "
       f"| {fmt(ef / f if f else None, '.0%')} / {fmt(eb / b if b else None, '.0%')} "
       f"| {bf:.3f} / {bb:.3f} | {fmt(bf / f if f else None, '.0%')} / "
       f"{fmt(bb / b if b else None, '.0%')} | {fmt(rec.get('kept_gb'), '.2f')} "
@@ -335,7 +454,7 @@ def render(rows, bandwidth, device, command):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--part", default="all", choices=["tune", "table", "all"])
+  p.add_argument("--part", default="all", choices=["tune", "table", "all", "lanes"])
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp/scan_bench"))
   p.add_argument("--results", default=None, help="append the table to this RESULTS.md")
   p.add_argument("--budget", type=float, default=540.0, help="seconds before skipping the rest")
@@ -352,8 +471,13 @@ def main():
   if a.part in ("tune", "all"):
     check_small(a.out)
     tune(a.out, a.budget)
-  if a.part in ("table", "all"):
+  if a.part == "lanes":
+    check_small(a.out, [(dtype, "pallas_lanes", kw) for dtype, kw in LANES_CHECKS])
+    tuned, best = tune_lanes(a.out, a.budget)
+    rows = lanes_table(a.out, a.budget, bandwidth, tuned, best)
+  elif a.part in ("table", "all"):
     rows = table(a.out, a.budget, bandwidth, a.quick, a.impls.split(","))
+  if a.part in ("table", "all", "lanes"):
     text = render(rows, bandwidth, device, "PYTHONPATH=. python3 " + " ".join(sys.argv))
     print(text, flush=True)
     with open(os.path.join(a.out, "RESULTS_block.md"), "w") as f:
