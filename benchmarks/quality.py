@@ -25,6 +25,7 @@ import datetime
 import glob
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -78,9 +79,15 @@ def read_samples(path: str) -> np.ndarray:
   raise ValueError(f"--samples={path!r} holds {sorted(data.keys())}: give an .npz with `images`.")
 
 
-def train_and_sample(recipe: str, args) -> tuple[str, float, float]:
-  """Trains `recipe` (resuming if its workdir has a checkpoint), samples it, returns the .npz path,
-  the training wall time (s) and the sampling wall time (s)."""
+def latest_step(workdir: str) -> int:
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  return max(steps)
+
+
+def train_and_sample(recipe: str, args, steps: int, seconds: float) -> dict:
+  """Trains `recipe` for `steps` (0: the recipe's) or until `seconds` have passed (then SIGTERM:
+  the run saves a checkpoint and exits), resuming if its workdir has a checkpoint; samples its
+  EMA weights. Returns the .npz path, the steps trained and both wall times (s)."""
   if recipe not in RECIPES:
     raise SystemExit(f"--train: unknown recipe {recipe!r}; use some of {sorted(RECIPES)}.")
   workdir = os.path.join(args.workdir_root, recipe.replace("/", "_"))
@@ -88,21 +95,28 @@ def train_and_sample(recipe: str, args) -> tuple[str, float, float]:
   base += [f"--workdir={workdir}", f"--config.data.data_dir={args.data_dir}", *RECIPES[recipe]]
   base += [f"--config.model.dtype={args.dtype}", f"--config.sample.steps={args.sample_steps}"]
   base += [f"--config.sample.batch_size={args.sample_batch}"]
-  if args.steps:
-    base.append(f"--config.train.num_steps={args.steps}")
+  if steps:
+    base.append(f"--config.train.num_steps={steps}")
   if args.batch_size:
     base.append(f"--config.train.batch_size={args.batch_size}")
-  timings = []
-  for extra in (
-    ["--config.sample.num_images=0"],
-    ["--mode=sample", f"--num_images={args.num_samples}"],
-  ):
-    start = time.perf_counter()
-    print("+", " ".join(base + extra), flush=True)
-    subprocess.run(base + extra, cwd=REPO, check=True)
-    timings.append(time.perf_counter() - start)
-  (npz,) = sorted(glob.glob(os.path.join(workdir, "sample_*.npz")), key=os.path.getmtime)[-1:]
-  return npz, timings[0], timings[1]
+
+  start = time.perf_counter()
+  print("+", " ".join(base), flush=True)
+  training = subprocess.Popen(base + ["--config.sample.num_images=0"], cwd=REPO)
+  try:
+    training.wait(timeout=seconds or None)
+  except subprocess.TimeoutExpired:
+    training.send_signal(signal.SIGTERM)  # the preemption path: save, then exit cleanly
+    training.wait()
+  if training.returncode:
+    raise SystemExit(f"training {recipe} failed with exit status {training.returncode}.")
+  train_s = time.perf_counter() - start
+
+  start = time.perf_counter()
+  subprocess.run(base + ["--mode=sample", f"--num_images={args.num_samples}"], cwd=REPO, check=True)
+  sample_s = time.perf_counter() - start
+  npz = max(glob.glob(os.path.join(workdir, "sample_*.npz")), key=os.path.getmtime)
+  return dict(npz=npz, steps=latest_step(workdir), train_s=train_s, sample_s=sample_s)
 
 
 def main():
@@ -115,6 +129,13 @@ def main():
   parser.add_argument("--train", default="", help=f"comma-separated recipes of {sorted(RECIPES)}")
   parser.add_argument("--workdir_root", default="workdir/quality_runs")
   parser.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's)")
+  parser.add_argument(
+    "--train_seconds",
+    type=float,
+    default=0,
+    help="stop the first recipe after this long (it saves a checkpoint); the others then train "
+    "as many steps as it reached",
+  )
   parser.add_argument("--batch_size", type=int, default=0, help="global batch (0: the recipe's)")
   parser.add_argument("--dtype", default="float32", help="compute dtype of the trained models")
   parser.add_argument("--num_samples", type=int, default=HALF, help="images sampled per recipe")
@@ -122,7 +143,11 @@ def main():
   parser.add_argument("--sample_batch", type=int, default=500)
   args = parser.parse_args()
 
-  trained = [(r, *train_and_sample(r, args)) for r in args.train.split(",") if r]
+  trained, steps, seconds = [], args.steps, args.train_seconds
+  for recipe in filter(None, args.train.split(",")):
+    run = train_and_sample(recipe, args, steps, seconds)
+    trained.append((recipe, run))
+    steps, seconds = run["steps"], 0  # the next recipes: as many steps as this one
   start = time.perf_counter()
   classifier = fmnist_classifier.load_or_train(args.cache_dir, args.data_dir)
   train_s = time.perf_counter() - start
@@ -148,8 +173,12 @@ def main():
   ]
   scored = [(args.samples, "")] if args.samples else []
   scored += [
-    (npz, f"{recipe}, trained {t_train:.0f} s, sampled {t_sample:.0f} s: ")
-    for recipe, npz, t_train, t_sample in trained
+    (
+      run["npz"],
+      f"{recipe}, {run['steps']} steps in {run['train_s']:.0f} s, "
+      f"sampled in {run['sample_s']:.0f} s: ",
+    )
+    for recipe, run in trained
   ]
   for path, label in scored:
     model = score_generated(read_samples(path), feature_fn, ref)
