@@ -6,6 +6,8 @@ tensorboardX, which writes the same TensorBoard event files. Only process 0 writ
 others only log.
 """
 
+import re
+
 import jax
 import numpy as np
 from absl import logging
@@ -59,6 +61,13 @@ def create_writer(workdir: str):
     )
     return TensorboardXWriter(workdir, just_logging=just_logging)
   return metric_writers.create_default_writer(workdir, just_logging=just_logging)
+
+
+def logged_scalar(log: str, key: str, line_prefix: str = "") -> dict[int, float]:
+  """{step: value} of scalar `key` from a run's log: the "[step] key=value, ..." lines that both
+  writers log (for comparing runs, e.g. one process against several)."""
+  pattern = rf"^{re.escape(line_prefix)}.*\[(\d+)\] .*\b{re.escape(key)}=([-+0-9.e]+|nan|inf)"
+  return {int(step): float(value) for step, value in re.findall(pattern, log, re.M)}
 
 
 def flatten_config(config) -> dict:

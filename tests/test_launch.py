@@ -20,6 +20,8 @@ import time
 import numpy as np
 import pytest
 
+from dim_jax import metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_SH = os.path.join(REPO, "launch", "tpu.sh")
 GPU_SH = os.path.join(REPO, "launch", "gpu.sh")
@@ -399,12 +401,6 @@ def test_scripts_are_shellcheck_clean():
 # --- two real JAX processes ----------------------------------------------------------------------
 
 
-def _losses(log: str, prefix: str = "") -> dict[int, float]:
-  """{step: loss} from the metric writer's "[step] ... loss=value" log lines."""
-  pattern = rf"^{re.escape(prefix)}.*\[(\d+)\] .*\bloss=([-+0-9.e]+)"
-  return {int(step): float(loss) for step, loss in re.findall(pattern, log, re.M)}
-
-
 def test_two_local_processes_train_and_checkpoint_like_one(tmp_path):
   """Two CPU processes started by `gpu.sh --local=2` (gloo collectives over localhost) train
   three steps of a tiny demo model through jax.distributed and write one checkpoint together;
@@ -433,7 +429,8 @@ def test_two_local_processes_train_and_checkpoint_like_one(tmp_path):
     capture_output=True, text=True, cwd=REPO, timeout=540, env=env,
   )  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
-  want, got = _losses(one.stderr), _losses(proc.stdout, prefix="[0]")
+  want = metrics.logged_scalar(one.stderr, "loss")
+  got = metrics.logged_scalar(proc.stdout, "loss", line_prefix="[0]")
   assert sorted(want) == sorted(got) == [1, 2, 3], (want, got)
   for step, loss in want.items():
     assert abs(got[step] - loss) <= 1e-4 * abs(loss), f"step {step}: {got[step]} vs {loss}"
