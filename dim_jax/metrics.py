@@ -39,7 +39,7 @@ class TensorboardXWriter:
       flat = {
         k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
       }
-      self._writer.add_hparams(flat, {}, run_name=".")
+      self._writer.add_hparams(flat, {}, name=".")  # "." keeps them in this run's folder
 
   def flush(self) -> None:
     if self._writer:
