@@ -42,7 +42,7 @@ class KernelConfig:
   interpret: bool
 
 
-DEFAULTS = dict(block_d=32, num_warps=1, chunk=8, segments=1, prefetch=False)
+DEFAULTS = dict(block_d=32, num_warps=1, chunk=2, segments=1, prefetch=False)
 
 
 def _compiler_params(cfg):
