@@ -153,7 +153,9 @@ def test_scale_one_is_the_unguided_eps(seed):
 
   for t in rng.uniform(1e-3, 1.0, 4).astype(np.float32):
     got = diffusion.upsample_guided_eps(cfg_eps, schedule, x, jnp.asarray(t), guidance)
-    np.testing.assert_allclose(got, cfg_eps(x, jnp.asarray(t)), atol=1e-6, err_msg=str(seed))
+    # float32: the two ε̂(x, t) of the correction are evaluated in separate programs (≤ 1.7e-6
+    # apart in 1200 draws); a τ one step of 1/N away shifts the toy ε̂ by up to 1e-3.
+    np.testing.assert_allclose(got, cfg_eps(x, jnp.asarray(t)), atol=1e-5, err_msg=str(seed))
 
 
 def hand_ddim(numpy_fn, noise, labels, steps, **guidance):
