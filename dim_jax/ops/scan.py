@@ -117,14 +117,15 @@ def _auto_impl() -> str:
 
   CPU: the sequential scan wins on compile and run time alike (B=8, L=366, D=128, N=16: 10 / 88 ms
   fwd / fwd+bwd against 32 / 115 ms for the best chunked and 65 / 173 ms associative).
-  GPU: the fused kernel (H200, L=9216, D=3072, batch 1: faster than chunked and ~50x less memory
-  than associative; figures in benchmarks/RESULTS.md).
+  GPU: the lanes kernel (H200, same run: 2.9x v1's fwd+bwd at L=366, D=3072, batch 64 and 2.1x at
+  L=9216, batch 1; v1 was already faster than chunked, with ~50x less memory than associative;
+  figures in benchmarks/RESULTS.md).
   TPU: chunked; the kernel runs there only in interpret mode so far (not measured on a TPU).
   """
   backend = jax.default_backend()
   if backend == "cpu":
     return "reference"
-  return "pallas" if backend == "gpu" else "chunked"
+  return "pallas_lanes" if backend == "gpu" else "chunked"
 
 
 def selective_scan(
