@@ -172,7 +172,8 @@ def _fused_scan_fwd(cfg, u, delta, a2, B, C, D, bias, z):
 _fused_scan.defvjp(_fused_scan_fwd, _backward)
 
 
-def _pad_axis(x, axis, size):
+def pad_axis(x, axis, size):
+  """x zero-padded at the end of `axis` to `size` (None stays None)."""
   if x is None or x.shape[axis] == size:
     return x
   widths = [(0, 0)] * x.ndim
@@ -212,9 +213,9 @@ def selective_scan_pallas(
   if delta_bias is None:
     delta_bias = jnp.zeros((channels,), jnp.float32)
   a2 = A.astype(jnp.float32).T * kernels.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)
-  u, delta, z = (_pad_axis(x, 2, padded_d) for x in (u, delta, z))
-  D, delta_bias = (_pad_axis(x, 0, padded_d) for x in (D, delta_bias))
-  a2 = _pad_axis(_pad_axis(a2, 1, padded_d), 0, padded_n)
-  B, C = (_pad_axis(x, 2, padded_n) for x in (B, C))
+  u, delta, z = (pad_axis(x, 2, padded_d) for x in (u, delta, z))
+  D, delta_bias = (pad_axis(x, 0, padded_d) for x in (D, delta_bias))
+  a2 = pad_axis(pad_axis(a2, 1, padded_d), 0, padded_n)
+  B, C = (pad_axis(x, 2, padded_n) for x in (B, C))
   y = _fused_scan(cfg, u, delta, a2, B, C, D, delta_bias, z)  # (B, L, padded D)
   return y[..., :channels]

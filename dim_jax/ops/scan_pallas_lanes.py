@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from dim_jax.ops import scan_pallas_kernels as v1
 from dim_jax.ops import scan_pallas_lanes_kernels as kernels
+from dim_jax.ops.scan_pallas import pad_axis
 
 F32 = jnp.float32
 
@@ -222,14 +223,6 @@ def _fused_scan_fwd(cfg, u, delta, a2, B, C, D, bias, z):
 _fused_scan.defvjp(_fused_scan_fwd, _backward)
 
 
-def _pad_axis(x, axis, size):
-  if x is None or x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
-
-
 def selective_scan_pallas_lanes(
   u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
   num_warps=None, segments=None, prefetch=None, interpret=None,
@@ -262,9 +255,9 @@ def selective_scan_pallas_lanes(
   if delta_bias is None:
     delta_bias = jnp.zeros((channels,), F32)
   a2 = A.astype(F32).T * v1.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)
-  u, delta, z = (_pad_axis(_pad_axis(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
-  B, C = (_pad_axis(x, 1, padded_l) for x in (B, C))
-  D, delta_bias = (_pad_axis(x, 0, padded_d) for x in (D, delta_bias))
-  a2 = _pad_axis(a2, 1, padded_d)
+  u, delta, z = (pad_axis(pad_axis(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
+  B, C = (pad_axis(x, 1, padded_l) for x in (B, C))
+  D, delta_bias = (pad_axis(x, 0, padded_d) for x in (D, delta_bias))
+  a2 = pad_axis(a2, 1, padded_d)
   y = _fused_scan(cfg, u, delta, a2, B, C, D, delta_bias, z)  # (B, padded L, padded D)
   return y[:, :length, :channels]
