@@ -27,11 +27,11 @@ from dim_jax.models import dim_preset
 from dim_jax.models.flops import dim_flops
 
 
-def config_for(variant: str, image: int, batch: int, remat: bool, scan_impl: str, tiny: bool):
+def config_for(variant: str, image: int, batch: int, remat: str, scan_impl: str, tiny: bool):
   c = pretrain_256.get_config()
   c.model.update(input_size=image // 8, remat=remat, scan_impl=scan_impl)
   if tiny:
-    c.model.update(variant=None, width=32, depth=5, patch_size=2, dtype="float32")
+    c.model.update(variant="", width=32, depth=5, patch_size=2, dtype="float32")
   else:
     c.model.variant = variant
   c.train.batch_size = batch
@@ -82,7 +82,7 @@ def main(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--variants", default="S/2,L/2,H/2")
   p.add_argument("--batch", type=int, default=64, help="per-device batch at 256²")
-  p.add_argument("--remat", default="0,1", help="remat settings to time (0/1)")
+  p.add_argument("--remat", default="none,block", help="model.remat policies to time")
   p.add_argument("--scan-impl", default="auto")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--search", default="512:32,24,16,12,8;1024:8,6,4,2,1")
@@ -99,7 +99,7 @@ def main(argv):
     "| --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for variant in args.variants.split(","):
-    for remat in [bool(int(r)) for r in args.remat.split(",")]:
+    for remat in args.remat.split(","):
       config = config_for(variant, 256, args.batch, remat, args.scan_impl, args.tiny)
       arch = dict(width=config.model.width, depth=config.model.depth)
       if not args.tiny:
@@ -118,13 +118,13 @@ def main(argv):
       print(rows[-1], flush=True)
   rows += [
     "",
-    "| model | image | largest batch that trains (remat on) | step ms |",
+    "| model | image | largest batch that trains (remat block) | step ms |",
     "| --- | --- | --- | --- |",
   ]
   for item in filter(None, args.search.split(";")):
     image, batches = item.split(":")
     for batch in [int(b) for b in batches.split(",")]:
-      config = config_for("H/2", int(image), batch, True, args.scan_impl, args.tiny)
+      config = config_for("H/2", int(image), batch, "block", args.scan_impl, args.tiny)
       seconds, _ = time_step(config, 2)
       if seconds is not None:
         rows.append(f"| DiM-H/2 | {image}² | {batch} | {seconds * 1e3:.0f} |")

@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     pad_layout="lateral",  # "lateral" (256² recipes) or "rho_pad" (512² fine-tune, upsampling)
     scan_directions=4,  # 4 (DiM), 2 (row and reverse row) or 1 (raster only; ablation)
     scan_impl="auto",  # selective_scan impl: auto | reference | associative | chunked | pallas
-    remat=False,  # rematerialise each block in the backward pass (memory for compute)
+    # What each block keeps for the backward pass (memory for compute): none (everything) |
+    # block (only its input: recompute the block) | save_dots (matmul outputs; recompute the rest)
+    remat="none",
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
     num_heads=8,  # DiT only, when variant is ""
     attention_impl="auto",  # DiT only: auto (cuDNN on GPU in bf16/fp16) | cudnn | xla
@@ -145,7 +147,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   if arg != "smoke":
     raise ValueError(f"config argument {arg!r}: the only one is 'smoke'.")
   c.model.update(variant="", width=32, depth=5, patch_size=2, in_channels=3, num_classes=4)
-  c.model.update(d_state=4, dtype="float32", remat=False, scan_impl="auto")
+  c.model.update(d_state=4, dtype="float32", remat="none", scan_impl="auto")
   c.data.update(name="shapes", image_size=c.model.input_size, worker_count=0)
   c.train.update(batch_size=8, num_steps=10, log_every=5, checkpoint_every=5)
   c.sample.update(steps=min(c.sample.steps, 4), num_images=4, batch_size=4)

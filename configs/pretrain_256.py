@@ -20,7 +20,7 @@ def get_config(arg=None):
     num_classes=1000,
     pad_layout="lateral",
     dtype="bfloat16",
-    remat=True,
+    remat="block",
   )
   c.data.update(name="latents", image_size=32)
   c.diffusion.update(schedule="discrete", p_uncond=0.1)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from dim_jax.models.layers import (
   RMSNorm,
+  block_caller,
   embedding_init,
   linear,
   patch_grid,
@@ -155,7 +156,7 @@ class DiM(nnx.Module):
     pad_layout: str = "lateral",
     scan_directions: int = 4,
     scan_impl: str = "associative",
-    remat: bool = False,
+    remat: str = "none",
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -171,6 +172,7 @@ class DiM(nnx.Module):
     self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
     self.num_classes = num_classes
     self.pad_layout = pad_layout
+    block_caller(remat)  # a bad name fails here, before any parameter is made
     self.remat = remat
     self.dtype = dtype
     self.grid_size = input_size // patch_size  # the grid the position table is stored at
@@ -256,9 +258,7 @@ class DiM(nnx.Module):
     stream = jnp.concatenate([cond, seps, img.astype(jnp.float32)], axis=1)  # (B, 5 + Hp*Wp, D)
 
     modulation = self.adaln(t, y).reshape(batch, 3, self.width)
-    apply_block = (
-      nnx.remat(lambda blk, s, m: blk(s, m)) if self.remat else (lambda blk, s, m: blk(s, m))
-    )
+    apply_block = block_caller(self.remat)
     skips, pattern = [], layout.RASTER
     for i, block in enumerate(self.blocks):
       if block.skip_fusion is not None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dim_jax.models.layers import (
+  block_caller,
   compute_dtype,
   embedding_init,
   linear,
@@ -187,7 +188,7 @@ class DiT(nnx.Module):
     num_classes: int,
     patch_size: int = 2,
     attention_impl: str = "auto",
-    remat: bool = False,
+    remat: str = "none",
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -198,6 +199,7 @@ class DiT(nnx.Module):
     if attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl={attention_impl!r}: use one of {ATTENTION_IMPLS}.")
     self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
+    block_caller(remat)  # a bad name fails here, before any parameter is made
     self.remat = remat
     self.dtype = dtype
 
@@ -243,9 +245,7 @@ class DiT(nnx.Module):
     c = self.time_out(nnx.silu(self.time_in(timestep_embedding(t, FREQ_DIM))))
     c = c + self.label_embed(y)  # (B, D) float32
 
-    apply_block = (
-      nnx.remat(lambda blk, s, c: blk(s, c)) if self.remat else (lambda blk, s, c: blk(s, c))
-    )
+    apply_block = block_caller(self.remat)
     for block in self.blocks:
       tokens = apply_block(block, tokens, c)
 

@@ -21,6 +21,26 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
+# model.remat: what a block keeps for the backward pass.
+REMAT_POLICIES = {
+  "none": None,  # every activation (fastest, most memory)
+  "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input: recompute all
+  # matmul outputs; the elementwise work, convolutions and the scan are recomputed
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_caller(remat: str):
+  """(block, stream, cond) -> block(stream, cond), rematerialised per `REMAT_POLICIES[remat]`."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={remat!r}: use one of {sorted(REMAT_POLICIES)}.")
+
+  def call(block, stream, cond):
+    return block(stream, cond)
+
+  return call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
+
+
 def patch_grid(shape: tuple, patch: int, in_channels: int) -> tuple[int, int]:
   """(B, H, W, C) input shape -> the (h, w) patch grid, or one clear error."""
   _, height, width, channels = shape
