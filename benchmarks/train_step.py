@@ -1,11 +1,13 @@
-"""Training-step throughput, model FLOP utilisation and peak memory of DiM on one accelerator.
+"""Training-step throughput, model FLOP utilisation and peak memory of DiM on the local devices.
 
-The step is train.make_train_step exactly (ε-MSE, clipped AdamW, EMA), jitted with donation, on
-random latents (256²: 32×32×4) and labels. Model FLOPs per image are counted analytically
-(`dim_jax/models/flops.py`, all matmuls, convs and the scan's elementwise work) times 3 for the
-forward and backward passes; rematerialised recomputation is not counted, as usual for MFU. The
-bound is the bf16 matmul rate measured in the same run. Also: the largest batch that fits for
-DiM-H/2 at 512² and 1024² (tried from a list, largest first).
+The step is train.make_train_step exactly (ε-MSE, clipped AdamW, EMA), jitted with donation and
+the recipe's shardings (configs/pretrain_256.py: FSDP over every device, the batch split over
+them) as train.py jits it, on random latents (256²: 32×32×4) and labels; --batch is per device.
+Model FLOPs per image are counted analytically (`dim_jax/models/flops.py`, all matmuls, convs and
+the scan's elementwise work) times 3 for the forward and backward passes; rematerialised
+recomputation is not counted, as usual for MFU. The bound is the bf16 matmul rate measured in the
+same run, times the number of devices. Also: the largest batch that fits for DiM-H/2 at 512² and
+1024² (tried from a list, largest first).
 
   python -m benchmarks.train_step                      # GPU: DiM-S/L/H at 256², batch search
   python -m benchmarks.train_step --tiny               # CPU smoke run
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks import results
 from configs import pretrain_256
-from dim_jax import diffusion, train
+from dim_jax import diffusion, parallel, train
 from dim_jax.models import dim_preset
 from dim_jax.models.flops import dim_flops
 
@@ -34,7 +36,7 @@ def config_for(variant: str, image: int, batch: int, remat: str, scan_impl: str,
     c.model.update(variant="", width=32, depth=5, patch_size=2, dtype="float32")
   else:
     c.model.variant = variant
-  c.train.batch_size = batch
+  c.train.batch_size = batch * jax.device_count()
   return c
 
 
@@ -53,17 +55,23 @@ def matmul_rate(n: int) -> float:
 def time_step(config, iters: int):
   """Median seconds per step, peak bytes, or (None, error) when it does not fit."""
   graphdef, init_state, tx, lr = train.build_state(config)
+  mesh = parallel.create_mesh(config.mesh)
+  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
   step = jax.jit(
     train.make_train_step(config, graphdef, tx, lr, diffusion.create_schedule(config.diffusion)),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, parallel.replicated(mesh)),
     donate_argnums=(0,),
   )
   size = config.model.input_size
-  batch = {
+  batch = {  # (global batch, 32, 32, 4) latents at 256²
     "image": jax.random.normal(jax.random.key(1), (config.train.batch_size, size, size, 4)),
     "label": jnp.arange(config.train.batch_size, dtype=jnp.int32) % 1000,
   }
+  batch = jax.device_put(batch, batch_sharding)
   try:
-    state = jax.jit(init_state)()
+    state = jax.jit(init_state, out_shardings=state_sharding)()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times = []
@@ -94,8 +102,9 @@ def main(argv):
   peak = matmul_rate(256 if args.tiny else 8192)
   device = f"{jax.devices()[0].device_kind} ×{jax.device_count()}"
   rows = [
-    f"| model | remat | batch | step ms | img/s | model TFLOP/s | MFU vs {peak / 1e12:.0f} TFLOP/s "
-    "measured bf16 matmul | peak GiB |",
+    f"| model | remat | batch per device | step ms | img/s | model TFLOP/s | MFU vs "
+    f"{jax.device_count()} × {peak / 1e12:.0f} TFLOP/s measured bf16 matmul | "
+    "peak GiB (device 0) |",
     "| --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for variant in args.variants.split(","):
@@ -109,16 +118,18 @@ def main(argv):
       if seconds is None:
         rows.append(f"| DiM-{variant} | {remat} | {args.batch} | {peak_bytes} | | | | |")
       else:
-        achieved = flops * args.batch / seconds
+        images = args.batch * jax.device_count()
+        achieved = flops * images / seconds
         rows.append(
           f"| DiM-{variant} | {remat} | {args.batch} | {seconds * 1e3:.1f} | "
-          f"{args.batch / seconds:.1f} | {achieved / 1e12:.1f} | {achieved / peak:.1%} | "
+          f"{images / seconds:.1f} | {achieved / 1e12:.1f} | "
+          f"{achieved / (peak * jax.device_count()):.1%} | "
           f"{peak_bytes / 2**30:.1f} |"
         )
       print(rows[-1], flush=True)
   rows += [
     "",
-    "| model | image | largest batch that trains (remat block) | step ms |",
+    "| model | image | largest batch per device that trains (remat block) | step ms |",
     "| --- | --- | --- | --- |",
   ]
   for item in filter(None, args.search.split(";")):
