@@ -97,8 +97,9 @@ def rel_err(x, ref):
 def check_against_numpy(impl, x, dtype, tol, seed, softplus=True, **kwargs):
   """Value and gradients of every input of `selective_scan(impl)` vs `numpy_scan`."""
   rng = np.random.default_rng(seed)
-  g = rng.normal(size=x["u"].shape)
-  # bf16 inputs: the reference sees the same rounded values the kernel sees.
+  # bf16 inputs: the reference sees the same rounded values the kernel sees, the output's
+  # cotangent g included (it reaches the backward pass in the output's dtype).
+  g = np.asarray(jnp.asarray(rng.normal(size=x["u"].shape), dtype), np.float64)
   low = {k: v if v is None else np.asarray(jnp.asarray(v, dtype), np.float64) for k, v in x.items()}
   low["A"], low["D"], low["delta_bias"] = x["A"], x["D"], x["delta_bias"]  # parameters stay fp32
   want_out, want_grads = numpy_scan(low, g, softplus)
