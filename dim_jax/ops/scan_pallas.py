@@ -144,17 +144,24 @@ def _backward(cfg, res, g):
     interpret=cfg.interpret,
     name="selective_scan_bwd",
   )(*ins)
+  return kernel_cotangents(outs, has_z, 0, a2, B, C, D, bias)
+
+
+def kernel_cotangents(outs, has_z, program_axes, a2, B, C, D, bias):
+  """A backward kernel's outputs (du, dδ, [dz], dB, dC, dA, dD, dbias partials) -> the cotangents
+  of (u, δ, A·log2 e, B, C, D, bias, z): dB, dC summed over channel blocks (axis 1), dA, dD, dbias
+  over the per-program axes `program_axes` (sample, and segment for the lanes kernel)."""
   du, d_delta = outs[:2]
   dz = outs[2] if has_z else None
   db, dc, da, dd, dbias = outs[-5:]
   return (
     du,
     d_delta,
-    (jnp.sum(da, axis=0) * kernels.LN_2).astype(a2.dtype),  # dA·ln 2: cotangent of A·log2 e
+    (jnp.sum(da, axis=program_axes) * kernels.LN_2).astype(a2.dtype),  # dA·ln 2: of A·log2 e
     jnp.sum(db, axis=1).astype(B.dtype),
     jnp.sum(dc, axis=1).astype(C.dtype),
-    jnp.sum(dd, axis=0).astype(D.dtype),
-    jnp.sum(dbias, axis=0).astype(bias.dtype),
+    jnp.sum(dd, axis=program_axes).astype(D.dtype),
+    jnp.sum(dbias, axis=program_axes).astype(bias.dtype),
     dz,
   )
 

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 from dim_jax.ops import scan_pallas_kernels as v1
 from dim_jax.ops import scan_pallas_lanes_kernels as kernels
-from dim_jax.ops.scan_pallas import pad_axis
+from dim_jax.ops.scan_pallas import kernel_cotangents, pad_axis
 
 F32 = jnp.float32
 
@@ -195,19 +195,7 @@ def _backward(cfg, res, g):
     cfg, kernels.backward_kernel, "selective_scan_lanes_bwd", ins, in_specs, tuple(out_shape),
     tuple(out_specs), grid, seg_len=seg_len, has_z=has_z,
   )  # fmt: skip
-  du, d_delta = outs[:2]
-  dz = outs[2] if has_z else None
-  db, dc, da, dd, dbias = outs[-5:]
-  return (
-    du,
-    d_delta,
-    (jnp.sum(da, axis=(0, 1)) * v1.LN_2).astype(a2.dtype),  # cotangent of A·log2 e
-    jnp.sum(db, axis=1).astype(B.dtype),
-    jnp.sum(dc, axis=1).astype(C.dtype),
-    jnp.sum(dd, axis=(0, 1)).astype(D.dtype),
-    jnp.sum(dbias, axis=(0, 1)).astype(bias.dtype),
-    dz,
-  )
+  return kernel_cotangents(outs, has_z, (0, 1), a2, B, C, D, bias)  # programs: (sample, segment)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
