@@ -60,19 +60,22 @@ TUNE_SWEEPS = {
   (9216, 1): dict(fwd=[(4, 1, 8), (4, 1, 4)], bwd=[]),
 }
 CHECK_IMPLS = (("pallas", {}),)  # (impl, kwargs) checked against the reference on the GPU
-# Lanes kernel (part "lanes"), (block_d, num_warps, chunk, segments, prefetch) tried per
-# (L, batch), forward only; then forward+backward at the best forward and at its other chunk.
-# block_d = 32 x warps x k channels per lane; chunk 4 keeps 0.45 GB of states at L = 9216 (> 0.3).
-LANES_KEYS = ("block_d", "num_warps", "chunk", "segments", "prefetch")
-LANES_SWEEPS = {  # chunk <= 4: chunk 8 took minutes of Triton compile on the H200 (run of 11-28)
-  (9216, 1): [(32, 1, 2, 1, False), (32, 1, 2, 8, False), (64, 2, 2, 8, False),
-              (32, 1, 1, 8, False), (32, 1, 4, 8, False)],
-  (366, 64): [(32, 1, 2, 1, False), (64, 1, 2, 1, False), (32, 1, 1, 1, False),
-              (32, 1, 4, 1, False)],
+# Lanes kernel (part "lanes"): settings (block_d, num_warps, chunk, segments, prefetch, fast_exp,
+# lane_reduce) timed forward and forward+backward per (L, batch); the first of each list is the
+# best setting of the run of 11-28 (plain exp2, dB/dC by one sum per value), the baseline.
+# block_d = 32 x warps x k channels per lane; lane_reduce needs k = 1. chunk <= 4: chunk 8 took
+# minutes of Triton compile on the H200; chunk 4's backward spilled (2.3x chunk 2's time).
+LANES_KEYS = ("block_d", "num_warps", "chunk", "segments", "prefetch", "fast_exp", "lane_reduce")
+LANES_SWEEPS = {
+  (9216, 1): [(32, 1, 2, 8, False, False, False), (32, 1, 2, 8, False, True, True),
+              (32, 1, 2, 16, False, True, True), (64, 2, 2, 8, False, True, True)],
+  (366, 64): [(64, 1, 2, 1, False, False, False), (32, 1, 2, 1, False, True, True),
+              (64, 2, 2, 1, False, True, True), (64, 1, 2, 1, False, True, False)],
 }  # fmt: skip
-SMOKE_LANES_SWEEPS = {(37, 2): [(32, 1, 2, 1, False), (32, 1, 4, 2, False)]}
-LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass
+SMOKE_LANES_SWEEPS = {(37, 2): [(32, 1, 2, 1, False, False, False), (32, 1, 4, 2, False, True, True)]}
+LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass, both paths
   (jnp.float32, dict(block_d=64, num_warps=2, chunk=4, segments=4)),
+  (jnp.float32, dict(block_d=64, num_warps=1, chunk=2, segments=2, fast_exp=False)),
   (jnp.bfloat16, dict(block_d=32, num_warps=1, chunk=2, segments=1)),
 )
 # XLA impls are timed at these (L, batch) only (each costs minutes of compile on the device);
@@ -337,52 +340,38 @@ def lanes_kept_gb(length, channels, state, batch, chunk, segments):
 
 
 def lanes_label(kw):
-  return "pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments}".format(**kw) + (
-    " pf" if kw.get("prefetch") else ""
-  )
+  flags = [name for key, name in (("prefetch", "pf"), ("fast_exp", "fx"), ("lane_reduce", "lr"))
+           if kw.get(key)]  # fmt: skip
+  return " ".join(["pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments}".format(**kw)] + flags)
 
 
 def tune_lanes(out_dir, budget):
-  """v1 (its defaults) and the lanes kernel's settings at the two goal shapes. Forward of every
-  setting, checked against v1's output; then forward+backward (grads checked against v1's) of
-  the fastest forward and of the same with the other chunk. Returns the rows (v1 and the best
-  lanes setting per shape) and the best settings keyed by (L, batch)."""
+  """The lanes kernel's settings at the two goal shapes, forward and forward+backward, each checked
+  against the first (the previous best, itself checked against the reference by `check_small`).
+  Returns the rows and the fastest forward+backward setting keyed by (L, batch)."""
   rows, best = [], {}
   for (length, batch), sweep in (SMOKE_LANES_SWEEPS if SMOKE else LANES_SWEEPS).items():
     shape = (length, 64 if SMOKE else 3072, 16, batch)
     x = inputs(*shape)
     name = f"L={length} b={batch}"
-    trusted = {}
-    v1 = measure(name, "pallas", shape, x, out_dir, memory=False, keep=trusted)
-    v1["label"] = "pallas (v1, defaults)"
-    rows.append(v1)
-    check = trusted if "grads" in trusted else None
-    fwd_recs = []
+    baseline, recs = {}, []
     for setting in sweep:
       if over_budget(budget):
         log(dict(kind="skipped", shape=name, setting=setting, why="time budget"), out_dir)
         continue
       kw = dict(zip(LANES_KEYS, setting, strict=True))
-      rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, fb=False, **kw)
-      if "fwd_ms" in rec:
-        fwd_recs.append((rec["fwd_ms"], kw))
-    if not fwd_recs:
-      continue
-    fastest = min(fwd_recs, key=lambda r: r[0])[1]
-    other = dict(fastest, chunk=2 if fastest["chunk"] >= 4 else 4)
-    fb_recs = []
-    for kw in (fastest, other):
-      if over_budget(budget):
-        log(dict(kind="skipped", shape=name, fb_setting=kw, why="time budget"), out_dir)
-        continue
-      rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, memory=False, **kw)
+      check = baseline if "grads" in baseline else None
+      keep = None if baseline else baseline
+      rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, keep=keep, memory=False,
+                    **kw)  # fmt: skip
       rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(*shape, kw["chunk"], kw["segments"]))
       if "fb_ms" in rec:
-        fb_recs.append(rec)
-    # The setting for training: fastest forward+backward (the forward alone is in the records).
-    pick = min(fb_recs, key=lambda r: r["fb_ms"]) if fb_recs else None
-    best[(length, batch)] = {k: pick[k] for k in LANES_KEYS} if pick else fastest
-    rows.extend(fb_recs)
+        recs.append(rec)
+    if not recs:
+      continue
+    pick = min(recs, key=lambda r: r["fb_ms"])  # the setting for training
+    best[(length, batch)] = {k: pick[k] for k in LANES_KEYS}
+    rows.extend(recs)
     log(dict(kind="best_lanes", L=length, batch=batch, **best[(length, batch)]), out_dir)
   return rows, best
 

@@ -185,18 +185,32 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
   _assert_fused_matches_numpy(scan, x, 8, seed)
 
 
-@pytest.mark.parametrize("segments, chunk", [(3, 4), (2, 8)])
-def test_pallas_lanes_segments_and_channel_blocks(segments, chunk):
+@pytest.mark.parametrize("segments, chunk, lane_reduce", [(3, 4, True), (2, 8, False)])
+def test_pallas_lanes_segments_and_channel_blocks(segments, chunk, lane_reduce):
   """The sequence split over programs (length padded to segments x chunks) and several channel
-  blocks (dB, dC summed over blocks), in value and every gradient."""
+  blocks (dB, dC summed over blocks, by the warp butterfly or by one sum per value), in value and
+  every gradient."""
   from dim_jax.ops import scan_pallas_lanes
 
   rng, seed = _rng()
   x = random_inputs(rng, 2, 19, 40, 3)
   scan = functools.partial(
-    scan_pallas_lanes.selective_scan_pallas_lanes, block_d=32, segments=segments
-  )
+    scan_pallas_lanes.selective_scan_pallas_lanes, block_d=32, segments=segments,
+    lane_reduce=lane_reduce,
+  )  # fmt: skip
   _assert_fused_matches_numpy(scan, x, chunk, seed)
+
+
+def test_lane_sums_give_each_lane_one_warp_sum():
+  """The butterfly over a (64,) vector = 2 warps: lane l of warp w holds the sum of values[l]
+  over warp w's 32 elements (the interpreter's permutation stands in for the shuffles)."""
+  from dim_jax.ops.scan_pallas_lanes_kernels import lane_sums
+
+  rng, _ = _rng()
+  values = rng.normal(size=(32, 64))
+  got = np.asarray(lane_sums([jnp.asarray(v, jnp.float32) for v in values], native=False))
+  want = values.reshape(32, 2, 32).sum(axis=2).T.reshape(64)  # [warp, lane] -> sum of values[lane]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["pallas", "pallas_lanes"])

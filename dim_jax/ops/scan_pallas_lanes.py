@@ -39,11 +39,23 @@ class KernelConfig:
   chunk: int
   segments: int
   prefetch: bool  # forward loads chunk c + 1 while computing chunk c
+  fast_exp: bool  # exponentials as ex2.approx.ftz (GPU only)
+  lane_reduce: bool  # backward dB, dC through one warp butterfly per step (one channel per lane)
   softplus: bool
   interpret: bool
 
+  @property
+  def kernel_fast_exp(self):
+    return self.fast_exp and not self.interpret
 
-DEFAULTS = dict(block_d=32, num_warps=1, chunk=2, segments=1, prefetch=False)
+  @property
+  def kernel_lane_reduce(self):
+    return self.lane_reduce and self.block_d == kernels.LANES * self.num_warps
+
+
+DEFAULTS = dict(
+  block_d=32, num_warps=1, chunk=2, segments=1, prefetch=False, fast_exp=True, lane_reduce=True
+)
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence (measured at
 # L=9216, D=3072, batch 1, chunk 2: 8 segments fwd+bwd 4.34 ms; at L=366, batch 64: 1 segment).
 MIN_PROGRAMS = 4 * 132
@@ -78,13 +90,33 @@ def _specs(seg_len, state, cfg):
     seg_state=pl.BlockSpec((None, None, state, bd), lambda b, s, j: (b, s, 0, j)),  # (B, S, N, D)
     seg_vec=pl.BlockSpec((None, None, bd), lambda b, s, j: (b, s, j)),  # (B, S, D)
     chunk_states=pl.BlockSpec((None, nc, state, bd), lambda b, s, j: (b, s, 0, j)),
-    block_partial=pl.BlockSpec((None, None, seg_len, state), lambda b, s, j: (b, j, s, 0)),
+    # Per channel block: [dB | dC] sums, (B, blocks, L, 2N) or, lane-reduced, (B, blocks, L, G, bd).
+    channel_sums=pl.BlockSpec((None, None, seg_len, 2 * state), lambda b, s, j: (b, j, s, 0)),
+    lane_sums=pl.BlockSpec(
+      (None, None, seg_len, _lane_groups(state), bd), lambda b, s, j: (b, j, s, 0, 0)
+    ),
   )
+
+
+def _lane_groups(state):
+  """Rows of 32 sums that hold a step's 2N channel sums of dB and dC (zero-padded)."""
+  return -(-2 * state // kernels.LANES)
+
+
+def _split_channel_sums(sums, state, lane_reduce):
+  """The backward's channel sums -> partial dB, dC per channel block, (B, blocks, L, N) each."""
+  if lane_reduce:  # (B, blocks, L, G, bd): lane l of warp w holds warp w's sum of value 32·g + l
+    batch, blocks, length, groups, bd = sums.shape
+    sums = sums.reshape(batch, blocks, length, groups, bd // kernels.LANES, kernels.LANES)
+    sums = jnp.sum(sums, axis=4).reshape(batch, blocks, length, groups * kernels.LANES)
+  return sums[..., :state], sums[..., state : 2 * state]
 
 
 def _call(cfg, kernel, name, ins, in_specs, out_shape, out_specs, grid, **static):
   return pl.pallas_call(
-    functools.partial(kernel, chunk=cfg.chunk, softplus=cfg.softplus, **static),
+    functools.partial(
+      kernel, chunk=cfg.chunk, softplus=cfg.softplus, fast_exp=cfg.kernel_fast_exp, **static
+    ),
     out_shape=out_shape,
     grid=grid,
     in_specs=in_specs,
@@ -179,22 +211,29 @@ def _backward(cfg, res, g):
   in_specs += [s["state_rows"], s["state_rows"], s["param"], s["vec"], s["vec"]]
   in_specs += [s["chunk_states"], s["seg_state"]]
   seg_shape = (batch, cfg.segments, state, channels)
+  lane_reduce = cfg.kernel_lane_reduce
+  sums_shape = (batch, num_blocks, length) + (
+    (_lane_groups(state), cfg.block_d) if lane_reduce else (2 * state,)
+  )
   out_shape = [
     jax.ShapeDtypeStruct(u.shape, u.dtype),
     jax.ShapeDtypeStruct(delta.shape, delta.dtype),
     *((jax.ShapeDtypeStruct(z.shape, z.dtype),) if has_z else ()),
-    jax.ShapeDtypeStruct((batch, num_blocks, length, state), F32),  # dB per channel block
-    jax.ShapeDtypeStruct((batch, num_blocks, length, state), F32),  # dC per channel block
+    jax.ShapeDtypeStruct(sums_shape, F32),  # [dB | dC] per channel block
     jax.ShapeDtypeStruct(seg_shape, F32),  # dAᵀ per (sample, segment)
     jax.ShapeDtypeStruct(seg_shape[:2] + (channels,), F32),  # dD per (sample, segment)
     jax.ShapeDtypeStruct(seg_shape[:2] + (channels,), F32),  # dbias per (sample, segment)
   ]
   out_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
-  out_specs += [s["block_partial"], s["block_partial"], s["seg_state"], s["seg_vec"], s["seg_vec"]]
+  out_specs += [s["lane_sums" if lane_reduce else "channel_sums"]]
+  out_specs += [s["seg_state"], s["seg_vec"], s["seg_vec"]]
   outs = _call(
     cfg, kernels.backward_kernel, "selective_scan_lanes_bwd", ins, in_specs, tuple(out_shape),
-    tuple(out_specs), grid, seg_len=seg_len, has_z=has_z,
+    tuple(out_specs), grid, seg_len=seg_len, has_z=has_z, lane_reduce=lane_reduce,
+    native=not cfg.interpret,
   )  # fmt: skip
+  d_b, d_c = _split_channel_sums(outs[-4], state, lane_reduce)
+  outs = (*outs[:-4], d_b, d_c, *outs[-3:])
   return kernel_cotangents(outs, has_z, (0, 1), a2, B, C, D, bias)  # programs: (sample, segment)
 
 
@@ -213,7 +252,7 @@ _fused_scan.defvjp(_fused_scan_fwd, _backward)
 
 def selective_scan_pallas_lanes(
   u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
-  num_warps=None, segments=None, prefetch=None, interpret=None,
+  num_warps=None, segments=None, prefetch=None, fast_exp=None, lane_reduce=None, interpret=None,
 ):  # fmt: skip
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
@@ -234,6 +273,8 @@ def selective_scan_pallas_lanes(
     chunk=chunk,
     segments=segments,
     prefetch=DEFAULTS["prefetch"] if prefetch is None else prefetch,
+    fast_exp=DEFAULTS["fast_exp"] if fast_exp is None else fast_exp,
+    lane_reduce=DEFAULTS["lane_reduce"] if lane_reduce is None else lane_reduce,
     softplus=delta_softplus,
     interpret=interpret,
   )
@@ -244,7 +285,8 @@ def selective_scan_pallas_lanes(
     delta_bias = jnp.zeros((channels,), F32)
   a2 = A.astype(F32).T * v1.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)
   u, delta, z = (pad_axis(pad_axis(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
-  B, C = (pad_axis(x, 1, padded_l) for x in (B, C))
+  # B, C in float32: (B, L, N) is small, and the kernels then convert nothing per (t, n).
+  B, C = (pad_axis(x.astype(F32), 1, padded_l) for x in (B, C))
   D, delta_bias = (pad_axis(x, 0, padded_d) for x in (D, delta_bias))
   a2 = pad_axis(a2, 1, padded_d)
   y = _fused_scan(cfg, u, delta, a2, B, C, D, delta_bias, z)  # (B, padded L, padded D)

@@ -18,15 +18,70 @@ the segment start computed from `segment_end_kernel`'s results), so a long seque
 over S programs per channel block. The backward mirrors it: a program starts its reverse walk from
 a given adjoint (zero, or the one flowing in from later segments, from `segment_adjoint_kernel`).
 
+GPU fast paths (`fast_exp`, `lane_reduce`; `native` False: the interpreter runs the same maths in
+plain jnp):
+  * exponentials as one `ex2.approx.ftz` instruction each (`fast_exp2`);
+  * the backward's sums over channels (dB, dC: 2N per step) as one butterfly over the warp that
+    returns all 2N sums in one vector (`lane_sums`) and is stored as one row, instead of 2N
+    separate five-level shuffle trees and 2N scalar stores. This needs one channel per lane
+    (block_d = 32 x num_warps), so that element i of a (block_d,) vector sits in lane i % 32.
+
 Refs carry the batch, segment and channel-block dimensions squeezed: rows are `ref[t]` (block_d,),
 B and C are (seg_len, N), Aᵀ·log2(e) is (N, block_d).
 """
 
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as pltriton
 
 from dim_jax.ops.scan_pallas_kernels import LN_2, chunk_loop, sigmoid, stable_softplus
 
 F32 = jnp.float32
+LANES = 32  # threads of a warp
+
+
+def _inline_ptx(asm, x):
+  """One PTX instruction `asm` ($0 = result, $1 = x) applied to every float32 element of x."""
+  [y] = pltriton.elementwise_inline_asm(
+    asm, args=[x], constraints="=f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct.like(x)]
+  )
+  return y
+
+
+def fast_exp2(x, ptx):
+  """2^x. With `ptx` (GPU only) one `ex2.approx.ftz` instruction: libdevice's exp2f adds a denormal fix-up of
+  three more instructions per exponential, in loops bound by exponentials. A decay below 2^-126
+  flushed to zero changes no state."""
+  return _inline_ptx("ex2.approx.ftz.f32 $0, $1;", x) if ptx else jnp.exp2(x)
+
+
+def _shuffle_xor(x, offset, native):
+  """x as held by lane (lane XOR offset) of the same warp, for a (32·warps,) vector whose element i
+  sits in lane i % 32 of warp i // 32 (one element per thread)."""
+  if native:
+    return _inline_ptx(f"shfl.sync.bfly.b32 $0, $1, {offset}, 0x1f, 0xffffffff;", x)
+  n = x.shape[0]
+  return x.reshape(n // (2 * offset), 2, offset)[:, ::-1].reshape(n)
+
+
+def lane_sums(values, native):
+  """32 (bd,) vectors summed over each warp's lanes at once, returned as one (bd,) vector whose
+  lane l holds the sum of values[l] over the lanes of its warp (bd = 32 x warps, one channel per
+  lane). A butterfly: at each level a lane keeps one vector of a pair and sends the other to its
+  partner, halving the list, so 32 sums cost 31 shuffles instead of 32 x 5."""
+  assert len(values) == LANES, len(values)
+  lane = lax.broadcasted_iota(jnp.int32, values[0].shape, 0) % LANES
+  offset = LANES // 2
+  while len(values) > 1:
+    half = len(values) // 2
+    upper = (lane & offset) != 0  # this lane keeps the second vector of each pair
+    values = [
+      jnp.where(upper, b, a) + _shuffle_xor(jnp.where(upper, a, b), offset, native)
+      for a, b in zip(values[:half], values[half:], strict=True)
+    ]
+    offset //= 2
+  return values[0]
 
 
 def _loader(row_refs, scalar_refs, state):
@@ -48,12 +103,12 @@ def _deltas(pres, softplus):
   return [stable_softplus(p) if softplus else p for p in pres]
 
 
-def _decays(dts, a2):
+def _decays(dts, a2, fast_exp):
   """exp(Δ_t A_n) = exp2(Δ_t · A_n log2 e): per step a list of N (block_d,) vectors."""
-  return [[jnp.exp2(dt * a) for a in a2] for dt in dts]
+  return [[fast_exp2(dt * a, fast_exp) for a in a2] for dt in dts]
 
 
-def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch):
+def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp):
   """Refs: u, δ, [z] (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
   state entering the segment. Outputs: y (L_s, bd); the state entering each chunk (L_s/chunk, N,
   bd), which the backward restarts from."""
@@ -73,7 +128,7 @@ def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch):
     bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N scalars
     dts = _deltas([s[1] + bias for s in steps], softplus)
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
-    decays = _decays(dts, a2)
+    decays = _decays(dts, a2, fast_exp)
     h, ys = list(h), []
     for i in range(count):  # the only serial part: N independent chains through the chunk
       y = d_skip * us[i]
@@ -95,7 +150,7 @@ def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch):
 
 
 def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *, seg_len, chunk,
-                       softplus):  # fmt: skip
+                       softplus, fast_exp):  # fmt: skip
   """A segment walked from a zero state. Refs: u, δ (L_s, bd); B (L_s, N); Aᵀ·log2 e (N, bd);
   bias (bd,). Outputs: the segment's end state (N, bd) and ΣΔ over the segment (bd,), from which
   the caller forms the segment's total decay exp(A ΣΔ)."""
@@ -107,7 +162,7 @@ def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *,
     del index, start
     h, dt_sum = carry
     dts = _deltas([s[1] + bias for s in steps], softplus)
-    decays = _decays(dts, a2)
+    decays = _decays(dts, a2, fast_exp)
     h = list(h)
     for i in range(count):
       du = dts[i] * steps[i][0]
@@ -123,12 +178,25 @@ def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *,
   sum_ref[...] = dt_sum
 
 
+def _store_channel_sums(ref, t, terms, lane_reduce, native):
+  """Row t of `ref` <- the sums over this block's channels of the (bd,) vectors `terms` (see
+  `backward_kernel` for the two layouts)."""
+  if not lane_reduce:
+    for k, term in enumerate(terms):
+      ref[t, k] = jnp.sum(term)
+    return
+  zeros = jnp.zeros_like(terms[0])
+  for g in range(ref.shape[1]):
+    group = terms[g * LANES : (g + 1) * LANES]
+    ref[t, g] = lane_sums(group + [zeros] * (LANES - len(group)), native)
+
+
 def _gated_cotangent(g, z):
   """d loss / d y before the gate: g ⊙ SiLU(z)."""
   return g * z * sigmoid(z)
 
 
-def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z):
+def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp):
   """A segment's adjoint walked in reverse from zero at its end. Refs: δ, g, [z] (L_s, bd);
   C (L_s, N); Aᵀ·log2 e (N, bd); bias (bd,). Output: d loss / d(state before the segment)
   from this segment's outputs alone (N, bd)."""
@@ -143,7 +211,7 @@ def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z):
   def body(index, start, count, steps, dh):
     del index, start
     dts = _deltas([s[0] + bias for s in steps], softplus)
-    decays = _decays(dts, a2)
+    decays = _decays(dts, a2, fast_exp)
     gys = [_gated_cotangent(s[1], s[2]) if has_z else s[1] for s in steps]
     dh = list(dh)
     for i in reversed(range(count)):
@@ -158,21 +226,23 @@ def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z):
     dh_ref[n] = dh[n]
 
 
-def backward_kernel(*refs, seg_len, chunk, softplus, has_z):
+def backward_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduce, native):
   """Refs: u, δ, [z], g (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); the states
   entering each chunk (L_s/chunk, N, bd); the adjoint entering the segment's end (N, bd).
-  Outputs: du, dδ, [dz] (L_s, bd); this block's partial sums of dB, dC (L_s, N); this program's
+  Outputs: du, dδ, [dz] (L_s, bd); this block's partial sums of [dB | dC] per step; this program's
   partial dAᵀ (N, bd), dD, dbias (bd,).
 
   Per chunk: reload its start state, recompute decays and states in registers, then run the
-  adjoint dh_t = C_t gy_t + exp(Δ_{t+1} A) dh_{t+1} backwards. dB and dC sum over channels: one
-  in-block reduction (jnp.sum of a (bd,) vector) per (t, n), stored as a scalar."""
+  adjoint dh_t = C_t gy_t + exp(Δ_{t+1} A) dh_{t+1} backwards. dB and dC sum over channels. With
+  `lane_reduce` the 2N sums of a step (zero-padded to G·32) go through `lane_sums`, one (bd,) row
+  per group of 32: the output is (L_s, G, bd), lane l of warp w holding warp w's sum of value
+  32·g + l. Without it, one jnp.sum per value, stored as a scalar: the output is (L_s, 2N)."""
   u_ref, dt_ref, *refs = refs
   z_ref = refs.pop(0) if has_z else None
   (g_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, s_ref, dh_end_ref,
    du_ref, ddt_ref, *refs) = refs  # fmt: skip
   dz_ref = refs.pop(0) if has_z else None
-  db_ref, dc_ref, da_ref, dd_ref, dbias_ref = refs
+  dbc_ref, da_ref, dd_ref, dbias_ref = refs
   state = a_ref.shape[0]
   a2 = [a_ref[n] for n in range(state)]
   d_skip = d_ref[...].astype(F32)
@@ -187,7 +257,7 @@ def backward_kernel(*refs, seg_len, chunk, softplus, has_z):
     pres = [s[1] + bias for s in steps]
     dts = _deltas(pres, softplus)
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
-    decays = _decays(dts, a2)
+    decays = _decays(dts, a2, fast_exp)
     # Recompute the chunk's states from its saved start state: states[i + 1] is h after step i.
     states = [[s_ref[index, n] for n in range(state)]]
     for i in range(count):
@@ -207,15 +277,17 @@ def backward_kernel(*refs, seg_len, chunk, softplus, has_z):
       t = start + i
       dh_b = jnp.zeros_like(d_skip)  # Σ_n dh_n B_n
       d_log2 = jnp.zeros_like(d_skip)  # Σ_n d loss/d(Δ A_n) · A_n log2 e
+      db_terms, dc_terms = [], []  # N x (bd,) each: summed over channels below
       for n in range(state):
         dh[n] = dh[n] + gys[i] * cs[i][n]  # d loss / d h_t
-        dc_ref[t, n] = jnp.sum(gys[i] * states[i + 1][n])
-        db_ref[t, n] = jnp.sum(dh[n] * dus[i])
+        dc_terms.append(gys[i] * states[i + 1][n])
+        db_terms.append(dh[n] * dus[i])
         d_log_decay = dh[n] * states[i][n] * decays[i][n]  # d loss / d(Δ_t A_n)
         d_a[n] = d_a[n] + d_log_decay * dts[i]
         d_log2 = d_log2 + d_log_decay * a2[n]
         dh_b = dh_b + dh[n] * bs[i][n]
         dh[n] = dh[n] * decays[i][n]  # carried to h_{t-1}
+      _store_channel_sums(dbc_ref, t, db_terms + dc_terms, lane_reduce, native)
       d_dt = d_log2 * LN_2 + us[i] * dh_b
       du_ref[t] = (dts[i] * dh_b + d_skip * gys[i]).astype(du_ref.dtype)
       d_pre = d_dt * sigmoid(pres[i]) if softplus else d_dt
