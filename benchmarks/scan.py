@@ -72,7 +72,9 @@ LANES_SWEEPS = {
   (366, 64): [(64, 1, 2, 1, False, False, False), (32, 1, 2, 1, False, True, True),
               (64, 2, 2, 1, False, True, True), (64, 1, 2, 1, False, True, False)],
 }  # fmt: skip
-SMOKE_LANES_SWEEPS = {(37, 2): [(32, 1, 2, 1, False, False, False), (32, 1, 4, 2, False, True, True)]}
+SMOKE_LANES_SWEEPS = {
+  (37, 2): [(32, 1, 2, 1, False, False, False), (32, 1, 4, 2, False, True, True)]
+}
 LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass, both paths
   (jnp.float32, dict(block_d=64, num_warps=2, chunk=4, segments=4)),
   (jnp.float32, dict(block_d=64, num_warps=1, chunk=2, segments=2, fast_exp=False)),
@@ -342,7 +344,8 @@ def lanes_kept_gb(length, channels, state, batch, chunk, segments):
 def lanes_label(kw):
   flags = [name for key, name in (("prefetch", "pf"), ("fast_exp", "fx"), ("lane_reduce", "lr"))
            if kw.get(key)]  # fmt: skip
-  return " ".join(["pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments}".format(**kw)] + flags)
+  base = "pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments}".format(**kw)
+  return " ".join([base, *flags])
 
 
 def tune_lanes(out_dir, budget):

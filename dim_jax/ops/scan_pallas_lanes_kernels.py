@@ -50,9 +50,9 @@ def _inline_ptx(asm, x):
 
 
 def fast_exp2(x, ptx):
-  """2^x. With `ptx` (GPU only) one `ex2.approx.ftz` instruction: libdevice's exp2f adds a denormal fix-up of
-  three more instructions per exponential, in loops bound by exponentials. A decay below 2^-126
-  flushed to zero changes no state."""
+  """2^x. With `ptx` (GPU only) one `ex2.approx.ftz` instruction: libdevice's exp2f adds a
+  denormal fix-up of three more instructions per exponential, in loops bound by exponentials. A
+  decay below 2^-126 flushed to zero changes no state."""
   return _inline_ptx("ex2.approx.ftz.f32 $0, $1;", x) if ptx else jnp.exp2(x)
 
 
