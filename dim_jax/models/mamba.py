@@ -38,6 +38,35 @@ def _scaled(init, scale: float):
   return scaled_init
 
 
+class CausalDepthwiseConv1d(nnx.Module):
+  """y_t = b + Σ_k w_k ⊙ x_{t-(K-1)+k} per channel (zeros before the start): token t sees only
+  t-K+1..t. Parameters as nnx.Conv(feature_group_count=channels) keeps them, kernel (K, 1, E) and
+  bias (E,), so checkpoints and converted weights are the same. Written as K shifted
+  multiply-adds rather than a grouped convolution: XLA fuses them with the SiLU that follows into
+  one pass over (B, L, E), where a grouped convolution is a separate, slower library call."""
+
+  def __init__(self, channels: int, kernel_size: int, *, dtype, rngs: nnx.Rngs):
+    self.kernel_size, self.dtype = kernel_size, dtype
+    self.kernel = nnx.Param(
+      torch_default_init(rngs.params(), (kernel_size, 1, channels)),
+      out_sharding=(None, None, "mlp"),
+    )
+    self.bias = nnx.Param(
+      torch_default_bias_init(kernel_size)(rngs.params(), (channels,)), out_sharding=("mlp",)
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f32, length = jnp.float32, x.shape[1]
+    # Inputs and weights rounded to the compute dtype as a convolution in it would be, the sum in
+    # float32 as its accumulator.
+    padded = jnp.pad(x.astype(self.dtype), ((0, 0), (self.kernel_size - 1, 0), (0, 0)))
+    w = self.kernel[...][:, 0].astype(self.dtype).astype(f32)  # (K, E)
+    y = self.bias[...].astype(self.dtype).astype(f32)
+    for k in range(self.kernel_size):
+      y = y + padded[:, k : k + length].astype(f32) * w[k]  # (B, L, E)
+    return y.astype(self.dtype)
+
+
 class MambaMixer(nnx.Module):
   """Mamba-1 selective-SSM mixer on (B, L, D) sequences."""
 
@@ -64,18 +93,7 @@ class MambaMixer(nnx.Module):
     self.in_proj = linear(
       dim, 2 * inner, axes=("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs
     )
-    # Depth-wise causal conv: left padding d_conv - 1, so token t sees t-2..t only.
-    self.conv1d = nnx.Conv(
-      inner,
-      inner,
-      kernel_size=(d_conv,),
-      padding=((d_conv - 1, 0),),
-      feature_group_count=inner,
-      kernel_init=nnx.with_partitioning(torch_default_init, (None, None, "mlp")),
-      bias_init=nnx.with_partitioning(torch_default_bias_init(d_conv), ("mlp",)),
-      dtype=dtype,
-      rngs=rngs,
-    )
+    self.conv1d = CausalDepthwiseConv1d(inner, d_conv, dtype=dtype, rngs=rngs)
     self.x_proj = linear(
       inner, self.dt_rank + 2 * d_state, axes=("mlp", None), use_bias=False, dtype=dtype, rngs=rngs
     )

@@ -56,14 +56,15 @@ class KernelConfig:
 DEFAULTS = dict(
   block_d=32, num_warps=1, chunk=2, segments=1, prefetch=False, fast_exp=True, lane_reduce=True
 )
-# An H200 has 132 SMs: below this many single-warp programs, split the sequence (measured at
-# L=9216, D=3072, batch 1, chunk 2: 8 segments fwd+bwd 4.34 ms; at L=366, batch 64: 1 segment).
+# An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
+# L=9216, D=3072, batch 1, chunk 2 (benchmarks/RESULTS.md): fwd / fwd+bwd 1.60 / 3.62 ms with 8
+# segments, 0.94 / 2.64 ms with 16; at L=366, batch 64 (6144 programs): 1 segment.
 MIN_PROGRAMS = 4 * 132
-SPLIT_SEGMENTS = 8
+SPLIT_SEGMENTS = 16
 
 
 def default_segments(batch: int, length: int, channels: int, block_d: int, chunk: int) -> int:
-  """Sequence segments: 1 when batch x channel blocks fill the GPU, else 8 if each segment keeps
+  """Sequence segments: 1 when batch x channel blocks fill the GPU, else 16 if each segment keeps
   at least 64 chunks (the split costs a second pass of exps, worth it only for long sequences)."""
   programs = batch * -(-channels // block_d)
   if programs >= MIN_PROGRAMS or length < SPLIT_SEGMENTS * 64 * chunk:
