@@ -53,6 +53,29 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def map_batch_shards(fn, batched: tuple, replicated: tuple):
+  """fn(*batched, *replicated), run shard by shard when a mesh is set (`jax.set_mesh`) and the
+  batch divides over BATCH_AXES: `batched` arrays (or None) split along their leading batch
+  dimension, `replicated` whole on every device, the result split like `batched`.
+
+  For opaque kernels (Pallas calls): the partitioner cannot split them, so without this it
+  gathers the whole batch onto every device and each computes all of it (measured: DiM-H/2 on
+  2 H200s asked for 103 GiB per GPU, 27 GiB on one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return fn(*batched, *replicated)
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  if shards == 1 or batched[0].shape[0] % shards:
+    return fn(*batched, *replicated)
+  split, whole = PartitionSpec(BATCH_AXES), PartitionSpec()
+  return jax.shard_map(
+    fn,
+    in_specs=(*(split,) * len(batched), *(whole,) * len(replicated)),
+    out_specs=split,
+    check_vma=False,  # Pallas calls carry no varying-axes annotations
+  )(*batched, *replicated)
+
+
 def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
   """Host-local NumPy batch (this process's rows) -> global jax.Arrays sharded over the batch."""
   sharding = batch_sharding(mesh)

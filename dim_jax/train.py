@@ -273,7 +273,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       local_batch = next(train_iter)
       data_counts.update(data.pop_counters(local_batch))
       batch = parallel.global_batch(local_batch, mesh)
-      state, step_metrics = p_train_step(state, batch)
+      with jax.set_mesh(mesh):  # the Pallas scan then runs per batch shard (map_batch_shards)
+        state, step_metrics = p_train_step(state, batch)
 
     due_log = step % config.train.log_every == 0 or step == num_steps
     stopping = stop_requested(stop, step, config.train.log_every)

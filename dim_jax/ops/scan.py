@@ -26,6 +26,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dim_jax import parallel
+
 IMPLS = ("reference", "associative", "chunked", "pallas", "pallas_lanes", "auto")
 
 
@@ -165,18 +167,20 @@ def selective_scan(
     raise ValueError(f"selective_scan chunk_size={chunk_size!r}: use a positive integer.")
   if impl == "auto":
     impl = _auto_impl()
-  if impl == "pallas":
-    from dim_jax.ops import scan_pallas  # imported lazily: Pallas stays off the XLA-only path
+  if impl in ("pallas", "pallas_lanes"):
+    # Imported lazily: Pallas stays off the XLA-only path.
+    from dim_jax.ops import scan_pallas, scan_pallas_lanes
 
-    return scan_pallas.selective_scan_pallas(
-      u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size
-    )
-  if impl == "pallas_lanes":
-    from dim_jax.ops import scan_pallas_lanes
+    kernel = dict(
+      pallas=scan_pallas.selective_scan_pallas,
+      pallas_lanes=scan_pallas_lanes.selective_scan_pallas_lanes,
+    )[impl]
 
-    return scan_pallas_lanes.selective_scan_pallas_lanes(
-      u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size
-    )
+    def fused(u, delta, B, C, z, A, D, delta_bias):
+      return kernel(u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size)
+
+    # Under a mesh, each device runs the kernel on its own rows of the batch.
+    return parallel.map_batch_shards(fused, (u, delta, B, C, z), (A, D, delta_bias))
   dt = discretised_delta(delta, delta_bias, delta_softplus)  # (B, L, D) float32
   scans: dict[str, Callable] = {
     "reference": _scan_reference,
