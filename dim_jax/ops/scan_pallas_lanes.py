@@ -58,13 +58,14 @@ DEFAULTS = dict(
 )
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
 # L=9216, D=3072, batch 1, chunk 2 (benchmarks/RESULTS.md): fwd / fwd+bwd 1.60 / 3.62 ms with 8
-# segments, 0.94 / 2.64 ms with 16; at L=366, batch 64 (6144 programs): 1 segment.
+# segments, 0.97 / 2.68 ms with 16, 0.85 / 2.21 ms with 32; at L=366, batch 64 (6144 programs):
+# 1 segment.
 MIN_PROGRAMS = 4 * 132
-SPLIT_SEGMENTS = 16
+SPLIT_SEGMENTS = 32
 
 
 def default_segments(batch: int, length: int, channels: int, block_d: int, chunk: int) -> int:
-  """Sequence segments: 1 when batch x channel blocks fill the GPU, else 16 if each segment keeps
+  """Sequence segments: 1 when batch x channel blocks fill the GPU, else 32 if each segment keeps
   at least 64 chunks (the split costs a second pass of exps, worth it only for long sequences)."""
   programs = batch * -(-channels // block_d)
   if programs >= MIN_PROGRAMS or length < SPLIT_SEGMENTS * 64 * chunk:
