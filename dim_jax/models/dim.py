@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dim_jax import parallel
 from dim_jax.models.layers import (
   RMSNorm,
   block_caller,
@@ -133,9 +134,10 @@ class DiMBlock(nnx.Module):
   def __call__(self, stream: jax.Array, modulation: jax.Array) -> jax.Array:
     """stream (B, L, D) float32 in this layer's scan order; modulation (B, 3, D) -> (B, L, D)."""
     shift, scale, gate = jnp.unstack(self.table[...][None] + modulation, axis=1)  # (B, D) each
+    stream = parallel.shard_batch(stream)
     x = self.norm(stream) * (1 + scale[:, None]) + shift[:, None]
     out = self.mixer(x.astype(self.dtype))
-    return stream + (1 + gate[:, None]) * out.astype(jnp.float32)
+    return parallel.shard_batch(stream + (1 + gate[:, None]) * out.astype(jnp.float32))
 
 
 class DiM(nnx.Module):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dim_jax import parallel
 from dim_jax.models.layers import (
   block_caller,
   compute_dtype,
@@ -246,8 +247,8 @@ class DiT(nnx.Module):
     c = c + self.label_embed(y)  # (B, D) float32
 
     apply_block = block_caller(self.remat)
-    for block in self.blocks:
-      tokens = apply_block(block, tokens, c)
+    for block in self.blocks:  # rows kept split over the batch axes (parallel.shard_batch)
+      tokens = parallel.shard_batch(apply_block(block, parallel.shard_batch(tokens), c))
 
     out = self.final(tokens, c)  # (B, N, p*p*C)
     return unpatchify(out.reshape(batch, h, w, -1), height, width, p)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dim_jax import parallel
 from dim_jax.models.layers import linear, torch_default_bias_init, torch_default_init, uniform_init
 from dim_jax.ops.scan import selective_scan
 
@@ -123,7 +124,7 @@ class MambaMixer(nnx.Module):
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xz = self.in_proj(x)  # (B, L, 2E)
+    xz = parallel.shard_batch(self.in_proj(x))  # (B, L, 2E)
     x_in, z = jnp.split(xz, 2, axis=-1)  # (B, L, E) each
     x_in = nnx.silu(self.conv1d(x_in))
     x_dbl = self.x_proj(x_in)  # (B, L, R + 2N)
