@@ -13,7 +13,7 @@ import pytest
 from dim_jax import eval_metrics as em
 from dim_jax import fmnist_classifier as fc
 
-TINY = dict(width=8, features=32, epochs=3, batch_size=50, learning_rate=3e-3, seed=0)
+TINY = dict(width=8, features=32, epochs=6, batch_size=50, learning_rate=3e-3, seed=0)
 
 
 def _synthetic(rng, count):

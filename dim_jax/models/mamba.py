@@ -56,6 +56,7 @@ class CausalDepthwiseConv1d(nnx.Module):
       torch_default_bias_init(kernel_size)(rngs.params(), (channels,)), out_sharding=("mlp",)
     )
 
+  @jax.named_scope("causal_conv1d")  # names its ops in profiles (and for the FLOP-count test)
   def __call__(self, x: jax.Array) -> jax.Array:
     f32, length = jnp.float32, x.shape[1]
     # Inputs and weights rounded to the compute dtype as a convolution in it would be, the sum in
