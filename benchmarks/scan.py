@@ -60,24 +60,28 @@ TUNE_SWEEPS = {
   (9216, 1): dict(fwd=[(4, 1, 8), (4, 1, 4)], bwd=[]),
 }
 CHECK_IMPLS = (("pallas", {}),)  # (impl, kwargs) checked against the reference on the GPU
-# Lanes kernel (part "lanes"): settings (block_d, num_warps, chunk, segments, prefetch, fast_exp,
-# lane_reduce) timed forward and forward+backward per (L, batch); the first of each list is the
-# best setting so far, the baseline the others are checked against. Run of 11-28 (session 3):
-# fast_exp + lane_reduce took fwd+bwd from 5.32 to 3.92 ms at 366 x 64 and, with 16 segments,
-# from 4.49 to 2.64 ms at 9216 x 1. block_d = 32 x warps x k channels per lane; lane_reduce needs
-# k = 1. chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
-LANES_KEYS = ("block_d", "num_warps", "chunk", "segments", "prefetch", "fast_exp", "lane_reduce")
+# Lanes kernel (part "lanes"): settings (block_d, num_warps, chunk, segments, save_every, prefetch,
+# fast_exp, lane_reduce) timed forward and forward+backward per (L, batch); the first of each list
+# is the best setting so far, the baseline the others are checked against. Session 3 (11-28):
+# fast_exp + lane_reduce took fwd+bwd from 5.32 to 3.92 ms at 366 x 64 and, with 32 segments,
+# from 4.49 to 2.21 ms at 9216 x 1. block_d = 32 x warps x k channels per lane; lane_reduce needs
+# k = 1. save_every m > 1 keeps one state per m chunks (m times less memory, one more pass of exps
+# in the backward). chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
+LANES_KEYS = (
+  "block_d", "num_warps", "chunk", "segments", "save_every", "prefetch", "fast_exp", "lane_reduce"
+)  # fmt: skip
 LANES_SWEEPS = {
-  (9216, 1): [(32, 1, 2, 16, False, True, True), (32, 1, 2, 32, False, True, True),
-              (32, 1, 4, 16, False, True, True)],
-  (366, 64): [(32, 1, 2, 1, False, True, True), (32, 1, 4, 1, False, True, True)],
+  (9216, 1): [(32, 1, 2, 32, 1, False, True, True), (32, 1, 2, 32, 4, False, True, True),
+              (32, 1, 2, 64, 1, False, True, True), (32, 1, 4, 32, 2, False, True, True)],
+  (366, 64): [(32, 1, 2, 1, 1, False, True, True), (64, 1, 2, 1, 1, False, True, False)],
 }  # fmt: skip
 SMOKE_LANES_SWEEPS = {
-  (37, 2): [(32, 1, 2, 1, False, False, False), (32, 1, 4, 2, False, True, True)]
+  (37, 2): [(32, 1, 2, 1, 1, False, False, False), (32, 1, 2, 2, 3, False, True, True)]
 }
 LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass, both paths
   (jnp.float32, dict(block_d=64, num_warps=2, chunk=4, segments=4)),
   (jnp.float32, dict(block_d=64, num_warps=1, chunk=2, segments=2, fast_exp=False)),
+  (jnp.float32, dict(block_d=32, num_warps=1, chunk=2, segments=4, save_every=4)),
   (jnp.bfloat16, dict(block_d=32, num_warps=1, chunk=2, segments=1)),
 )
 # XLA impls are timed at these (L, batch) only (each costs minutes of compile on the device);
@@ -333,18 +337,20 @@ def table(out_dir, budget, bandwidth, quick, impls):
   return [r[1:] for r in rows]
 
 
-def lanes_kept_gb(length, channels, state, batch, chunk, segments):
-  """States the lanes kernel keeps for its backward (one (N, D) fp32 state per chunk and sample;
-  the length padded to segments x chunks), plus ΣΔ per segment."""
+def lanes_kept_gb(shape, kw):
+  """States the lanes kernel keeps for its backward (one (N, D) fp32 state per save_every chunks
+  and sample; the length padded to segments x groups), plus ΣΔ per segment."""
+  length, channels, state, batch = shape
+  segments = kw["segments"]
   seg_len = -(-length // segments)
-  seg_chunks = -(-seg_len // chunk)
-  return batch * channels * 4 * (segments * seg_chunks * state + segments) / 1e9
+  seg_groups = -(-seg_len // (kw["chunk"] * kw.get("save_every", 1)))
+  return batch * channels * 4 * (segments * seg_groups * state + segments) / 1e9
 
 
 def lanes_label(kw):
   flags = [name for key, name in (("prefetch", "pf"), ("fast_exp", "fx"), ("lane_reduce", "lr"))
            if kw.get(key)]  # fmt: skip
-  base = "pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments}".format(**kw)
+  base = "pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments} m{save_every}".format(**kw)
   return " ".join([base, *flags])
 
 
@@ -367,7 +373,7 @@ def tune_lanes(out_dir, budget):
       keep = None if baseline else baseline
       rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, keep=keep, memory=False,
                     **kw)  # fmt: skip
-      rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(*shape, kw["chunk"], kw["segments"]))
+      rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(shape, kw))
       if "fb_ms" in rec:
         recs.append(rec)
     if not recs:
@@ -382,7 +388,8 @@ def tune_lanes(out_dir, budget):
 def lanes_table(out_dir, budget, bandwidth, tuned, best):
   """The tuned rows, then the best lanes setting at every other shape: batch <= 4 takes the
   L=9216 b=1 setting (sequence split), larger batches the L=366 b=64 one."""
-  long_kw = best.get((9216, 1), dict(scan_pallas_lanes.DEFAULTS, segments=8))
+  split = dict(scan_pallas_lanes.DEFAULTS, segments=scan_pallas_lanes.SPLIT_SEGMENTS)
+  long_kw = best.get((9216, 1), split)
   wide_kw = best.get((366, 64), dict(scan_pallas_lanes.DEFAULTS))
   if SMOKE:
     long_kw = wide_kw = best.get((37, 2), dict(scan_pallas_lanes.DEFAULTS))
@@ -400,7 +407,7 @@ def lanes_table(out_dir, budget, bandwidth, tuned, best):
       continue
     kw = long_kw if batch <= 4 else wide_kw
     rec = measure(name, "pallas_lanes", shape, inputs(*shape), out_dir, memory=False, **kw)
-    rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(*shape, kw["chunk"], kw["segments"]))
+    rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(shape, kw))
     rows.append((rec, floors(*shape, bandwidth), att))
   return rows
 

@@ -185,18 +185,20 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
   _assert_fused_matches_numpy(scan, x, 8, seed)
 
 
-@pytest.mark.parametrize("segments, chunk, lane_reduce", [(3, 4, True), (2, 8, False)])
-def test_pallas_lanes_segments_and_channel_blocks(segments, chunk, lane_reduce):
-  """The sequence split over programs (length padded to segments x chunks) and several channel
-  blocks (dB, dC summed over blocks, by the warp butterfly or by one sum per value), in value and
-  every gradient."""
+@pytest.mark.parametrize(
+  "segments, chunk, lane_reduce, save_every", [(3, 4, True, 1), (2, 8, False, 1), (2, 2, True, 3)]
+)
+def test_pallas_lanes_segments_and_channel_blocks(segments, chunk, lane_reduce, save_every):
+  """The sequence split over programs (length padded to segments x chunks), several channel
+  blocks (dB, dC summed over blocks, by the warp butterfly or by one sum per value) and states
+  kept only every few chunks (recomputed in the backward), in value and every gradient."""
   from dim_jax.ops import scan_pallas_lanes
 
   rng, seed = _rng()
   x = random_inputs(rng, 2, 19, 40, 3)
   scan = functools.partial(
     scan_pallas_lanes.selective_scan_pallas_lanes, block_d=32, segments=segments,
-    lane_reduce=lane_reduce,
+    lane_reduce=lane_reduce, save_every=save_every,
   )  # fmt: skip
   _assert_fused_matches_numpy(scan, x, chunk, seed)
 

@@ -38,6 +38,7 @@ class KernelConfig:
   num_warps: int
   chunk: int
   segments: int
+  save_every: int  # chunks per state kept for the backward (> 1: recomputed there, less memory)
   prefetch: bool  # forward loads chunk c + 1 while computing chunk c
   fast_exp: bool  # exponentials as ex2.approx.ftz (GPU only)
   lane_reduce: bool  # backward dB, dC through one warp butterfly per step (one channel per lane)
@@ -54,7 +55,14 @@ class KernelConfig:
 
 
 DEFAULTS = dict(
-  block_d=32, num_warps=1, chunk=2, segments=1, prefetch=False, fast_exp=True, lane_reduce=True
+  block_d=32,
+  num_warps=1,
+  chunk=2,
+  segments=1,
+  save_every=1,
+  prefetch=False,
+  fast_exp=True,
+  lane_reduce=True,
 )
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
 # L=9216, D=3072, batch 1, chunk 2 (benchmarks/RESULTS.md): fwd / fwd+bwd 1.60 / 3.62 ms with 8
@@ -83,7 +91,7 @@ def _compiler_params(cfg):
 
 def _specs(seg_len, state, cfg):
   """Blocks of one program of grid (batch b, segment s, channel block j)."""
-  bd, nc = cfg.block_d, -(-seg_len // cfg.chunk)
+  bd, nc = cfg.block_d, _saved_states(seg_len, cfg)
   return dict(
     rows=pl.BlockSpec((None, seg_len, bd), lambda b, s, j: (b, s, j)),  # (B, L, D)
     state_rows=pl.BlockSpec((None, seg_len, state), lambda b, s, j: (b, s, 0)),  # B, C: (B, L, N)
@@ -92,12 +100,23 @@ def _specs(seg_len, state, cfg):
     seg_state=pl.BlockSpec((None, None, state, bd), lambda b, s, j: (b, s, 0, j)),  # (B, S, N, D)
     seg_vec=pl.BlockSpec((None, None, bd), lambda b, s, j: (b, s, j)),  # (B, S, D)
     chunk_states=pl.BlockSpec((None, nc, state, bd), lambda b, s, j: (b, s, 0, j)),
+    group_starts=pl.BlockSpec(
+      (None, None, cfg.save_every, state, bd), lambda b, s, j: (b, s, 0, 0, j)
+    ),  # (B, S, save_every, N, D): one program's scratch rows
     # Per channel block: [dB | dC] sums, (B, blocks, L, 2N) or, lane-reduced, (B, blocks, L, G, bd).
     channel_sums=pl.BlockSpec((None, None, seg_len, 2 * state), lambda b, s, j: (b, j, s, 0)),
     lane_sums=pl.BlockSpec(
       (None, None, seg_len, _lane_groups(state), bd), lambda b, s, j: (b, j, s, 0, 0)
     ),
   )
+
+
+def _saved_states(seg_len, cfg):
+  """States the forward keeps per segment: one per chunk, or one per group of save_every chunks
+  (the segment is then padded to whole groups)."""
+  if cfg.save_every == 1:
+    return -(-seg_len // cfg.chunk)
+  return seg_len // (cfg.save_every * cfg.chunk)
 
 
 def _lane_groups(state):
@@ -118,7 +137,7 @@ def _call(cfg, kernel, name, ins, in_specs, out_shape, out_specs, grid, **static
   return pl.pallas_call(
     functools.partial(
       kernel, chunk=cfg.chunk, softplus=cfg.softplus, fast_exp=cfg.kernel_fast_exp, **static
-    ),
+    ),  # fmt: skip
     out_shape=out_shape,
     grid=grid,
     in_specs=in_specs,
@@ -163,13 +182,13 @@ def _forward(cfg, u, delta, a2, B, C, D, bias, z):
   ins = (u, delta, *((z,) if has_z else ()), B, C, a2, D, bias, h0)
   in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
   in_specs += [s["state_rows"], s["state_rows"], s["param"], s["vec"], s["vec"], s["seg_state"]]
-  num_chunks = cfg.segments * -(-seg_len // cfg.chunk)
+  num_chunks = cfg.segments * _saved_states(seg_len, cfg)
   y, states = _call(
     cfg, kernels.forward_kernel, "selective_scan_lanes_fwd", ins, in_specs,
     (jax.ShapeDtypeStruct(u.shape, u.dtype),
      jax.ShapeDtypeStruct((batch, num_chunks, state, channels), F32)),
     (s["rows"], s["chunk_states"]), grid,
-    seg_len=seg_len, has_z=has_z, prefetch=cfg.prefetch,
+    seg_len=seg_len, has_z=has_z, prefetch=cfg.prefetch, save_every=cfg.save_every,
   )  # fmt: skip
   return y, states, dt_sum
 
@@ -229,11 +248,15 @@ def _backward(cfg, res, g):
   out_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
   out_specs += [s["lane_sums" if lane_reduce else "channel_sums"]]
   out_specs += [s["seg_state"], s["seg_vec"], s["seg_vec"]]
+  if cfg.save_every > 1:  # scratch rows: the states entering the chunks of the current group
+    out_shape.append(jax.ShapeDtypeStruct(seg_shape[:2] + (cfg.save_every,) + seg_shape[2:], F32))
+    out_specs.append(s["group_starts"])
   outs = _call(
     cfg, kernels.backward_kernel, "selective_scan_lanes_bwd", ins, in_specs, tuple(out_shape),
     tuple(out_specs), grid, seg_len=seg_len, has_z=has_z, lane_reduce=lane_reduce,
-    native=not cfg.interpret,
+    native=not cfg.interpret, save_every=cfg.save_every,
   )  # fmt: skip
+  outs = outs[: len(outs) - (cfg.save_every > 1)]
   d_b, d_c = _split_channel_sums(outs[-4], state, lane_reduce)
   outs = (*outs[:-4], d_b, d_c, *outs[-3:])
   return kernel_cotangents(outs, has_z, (0, 1), a2, B, C, D, bias)  # programs: (sample, segment)
@@ -254,13 +277,15 @@ _fused_scan.defvjp(_fused_scan_fwd, _backward)
 
 def selective_scan_pallas_lanes(
   u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
-  num_warps=None, segments=None, prefetch=None, fast_exp=None, lane_reduce=None, interpret=None,
+  num_warps=None, segments=None, save_every=None, prefetch=None, fast_exp=None, lane_reduce=None,
+  interpret=None,
 ):  # fmt: skip
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
   Launch parameters left None take `DEFAULTS` (segments: `default_segments`). Channels are padded
   with zeros to a multiple of block_d (A = 0, D = 0: the padded channels stay 0) and, with
-  segments > 1, the length to segments x (a multiple of the chunk); both are sliced off.
+  segments > 1 or save_every > 1, the length to segments x (a multiple of save_every x chunk);
+  both are sliced off.
   """
   batch, length, channels = u.shape
   if interpret is None:
@@ -274,6 +299,7 @@ def selective_scan_pallas_lanes(
     num_warps=num_warps or DEFAULTS["num_warps"],
     chunk=chunk,
     segments=segments,
+    save_every=save_every or DEFAULTS["save_every"],
     prefetch=DEFAULTS["prefetch"] if prefetch is None else prefetch,
     fast_exp=DEFAULTS["fast_exp"] if fast_exp is None else fast_exp,
     lane_reduce=DEFAULTS["lane_reduce"] if lane_reduce is None else lane_reduce,
@@ -282,7 +308,9 @@ def selective_scan_pallas_lanes(
   )
   padded_d = -(-channels // cfg.block_d) * cfg.block_d
   seg_len = -(-length // segments)
-  padded_l = length if segments == 1 else segments * (-(-seg_len // chunk) * chunk)
+  unit = cfg.save_every * chunk  # steps between saved states
+  whole = segments == 1 and cfg.save_every == 1  # the kernels handle a last partial chunk
+  padded_l = length if whole else segments * (-(-seg_len // unit) * unit)
   if delta_bias is None:
     delta_bias = jnp.zeros((channels,), F32)
   a2 = A.astype(F32).T * v1.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)

@@ -108,10 +108,46 @@ def _decays(dts, a2, fast_exp):
   return [[fast_exp2(dt * a, fast_exp) for a in a2] for dt in dts]
 
 
-def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp):
+def _store_state(ref, row, h):
+  for n, h_n in enumerate(h):
+    ref[row, n] = h_n
+
+
+def _advance(steps, h, a2, bias, softplus, fast_exp):
+  """The state after the steps (rows u, δ and N scalars B each) from h; also their Δs."""
+  dts = _deltas([s[1] + bias for s in steps], softplus)
+  decays = _decays(dts, a2, fast_exp)
+  h = list(h)
+  for i, step in enumerate(steps):
+    du = dts[i] * step[0]
+    for n in range(len(h)):
+      h[n] = decays[i][n] * h[n] + du * step[2][n]
+  return h, dts
+
+
+def saved_state_groups(seg_len, chunk, save_every, reverse, load, body, carry, enter_group):
+  """`chunk_loop` over groups of `save_every` chunks (seg_len a multiple of the group), for a
+  state saved once per group instead of once per chunk: `enter_group(g, start, carry) -> carry`
+  opens group g, then `body` runs over its chunks with absolute starts and, as index, the chunk's
+  place in the group."""
+  group = save_every * chunk
+
+  def group_body(g, start, count, rows, carry):
+    del rows
+    carry = enter_group(g, start, carry)
+    return chunk_loop(
+      count, chunk, reverse, False, lambda s, c: load(start + s, c),
+      lambda i, s, c, steps, carry: body(i, start + s, c, steps, carry), carry,
+    )  # fmt: skip
+
+  return chunk_loop(seg_len, group, reverse, False, lambda s, c: None, group_body, carry)
+
+
+def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp, save_every):
   """Refs: u, δ, [z] (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
   state entering the segment. Outputs: y (L_s, bd); the state entering each chunk (L_s/chunk, N,
-  bd), which the backward restarts from."""
+  bd), which the backward restarts from, or with `save_every` = m > 1 only the state entering
+  every m-th chunk (L_s/(m·chunk), N, bd)."""
   u_ref, dt_ref, *refs = refs
   z_ref = refs.pop(0) if has_z else None
   b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref, y_ref, s_ref = refs
@@ -122,8 +158,8 @@ def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp):
   row_refs = (u_ref, dt_ref, z_ref) if has_z else (u_ref, dt_ref)
 
   def body(index, start, count, steps, h):
-    for n in range(state):
-      s_ref[index, n] = h[n]
+    if save_every == 1:
+      _store_state(s_ref, index, h)
     us = [s[0] for s in steps]
     bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N scalars
     dts = _deltas([s[1] + bias for s in steps], softplus)
@@ -146,7 +182,16 @@ def forward_kernel(*refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp):
 
   h0 = [h0_ref[n] for n in range(state)]
   load = _loader(row_refs, (b_ref, c_ref), state)
-  chunk_loop(seg_len, chunk, False, prefetch, load, body, h0)
+  if save_every == 1:
+    chunk_loop(seg_len, chunk, False, prefetch, load, body, h0)
+    return
+
+  def save(g, start, h):
+    del start
+    _store_state(s_ref, g, h)
+    return h
+
+  saved_state_groups(seg_len, chunk, save_every, False, load, body, h0, save)
 
 
 def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *, seg_len, chunk,
@@ -159,16 +204,9 @@ def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *,
   bias = bias_ref[...].astype(F32)
 
   def body(index, start, count, steps, carry):
-    del index, start
-    h, dt_sum = carry
-    dts = _deltas([s[1] + bias for s in steps], softplus)
-    decays = _decays(dts, a2, fast_exp)
-    h = list(h)
-    for i in range(count):
-      du = dts[i] * steps[i][0]
-      for n in range(state):
-        h[n] = decays[i][n] * h[n] + du * steps[i][2][n]
-    return h, dt_sum + sum(dts)
+    del index, start, count
+    h, dts = _advance(steps, carry[0], a2, bias, softplus, fast_exp)
+    return h, carry[1] + sum(dts)
 
   zeros = jnp.zeros(bias.shape, F32)
   load = _loader((u_ref, dt_ref), (b_ref,), state)
@@ -226,7 +264,9 @@ def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp):
     dh_ref[n] = dh[n]
 
 
-def backward_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduce, native):
+def backward_kernel(
+  *refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduce, native, save_every
+):  # fmt: skip
   """Refs: u, δ, [z], g (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); the states
   entering each chunk (L_s/chunk, N, bd); the adjoint entering the segment's end (N, bd).
   Outputs: du, dδ, [dz] (L_s, bd); this block's partial sums of [dB | dC] per step; this program's
@@ -236,13 +276,19 @@ def backward_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduc
   adjoint dh_t = C_t gy_t + exp(Δ_{t+1} A) dh_{t+1} backwards. dB and dC sum over channels. With
   `lane_reduce` the 2N sums of a step (zero-padded to G·32) go through `lane_sums`, one (bd,) row
   per group of 32: the output is (L_s, G, bd), lane l of warp w holding warp w's sum of value
-  32·g + l. Without it, one jnp.sum per value, stored as a scalar: the output is (L_s, 2N)."""
+  32·g + l. Without it, one jnp.sum per value, stored as a scalar: the output is (L_s, 2N).
+
+  With `save_every` = m > 1 the forward saved one state per group of m chunks: entering a group
+  (in reverse), the kernel first walks the group forward from its saved state and writes the
+  state entering each of its chunks to its own scratch rows (a last output, (m, N, bd)), which
+  the chunks then restart from: one more pass of exps for m times less kept memory."""
   u_ref, dt_ref, *refs = refs
   z_ref = refs.pop(0) if has_z else None
   (g_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, s_ref, dh_end_ref,
    du_ref, ddt_ref, *refs) = refs  # fmt: skip
   dz_ref = refs.pop(0) if has_z else None
-  dbc_ref, da_ref, dd_ref, dbias_ref = refs
+  dbc_ref, da_ref, dd_ref, dbias_ref, *scratch = refs
+  starts_ref = scratch[0] if save_every > 1 else s_ref  # rows: the state entering each chunk
   state = a_ref.shape[0]
   a2 = [a_ref[n] for n in range(state)]
   d_skip = d_ref[...].astype(F32)
@@ -259,7 +305,7 @@ def backward_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduc
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
     decays = _decays(dts, a2, fast_exp)
     # Recompute the chunk's states from its saved start state: states[i + 1] is h after step i.
-    states = [[s_ref[index, n] for n in range(state)]]
+    states = [[starts_ref[index, n] for n in range(state)]]
     for i in range(count):
       states.append([decays[i][n] * states[i][n] + dus[i] * bs[i][n] for n in range(state)])
     gys = []
@@ -299,7 +345,25 @@ def backward_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduc
   zeros = jnp.zeros(d_skip.shape, F32)
   carry = ([dh_end_ref[n] for n in range(state)], [zeros] * state, zeros, zeros)
   load = _loader(row_refs, (b_ref, c_ref), state)
-  _, d_a, d_d, d_bias = chunk_loop(seg_len, chunk, True, False, load, body, carry)
+  if save_every == 1:
+    _, d_a, d_d, d_bias = chunk_loop(seg_len, chunk, True, False, load, body, carry)
+  else:
+    load_state = _loader((u_ref, dt_ref), (b_ref,), state)
+
+    def restore_chunk_starts(g, start, carry):
+      def advance(index, step, count, steps, h):
+        del step, count
+        _store_state(starts_ref, index, h)
+        return _advance(steps, h, a2, bias, softplus, fast_exp)[0]
+
+      h = [s_ref[g, n] for n in range(state)]
+      load_group = lambda s, c: load_state(start + s, c)  # noqa: E731
+      chunk_loop(save_every * chunk, chunk, False, False, load_group, advance, h)
+      return carry
+
+    _, d_a, d_d, d_bias = saved_state_groups(
+      seg_len, chunk, save_every, True, load, body, carry, restore_chunk_starts
+    )
   for n in range(state):
     da_ref[n] = d_a[n]
   dd_ref[...] = d_d
