@@ -1,14 +1,17 @@
-"""Orbax checkpoints: the whole training state and the data iterator, saved and restored together.
+"""Orbax checkpoints of the whole training state.
 
 One composite per step under `<workdir>/checkpoints/<step>`:
   state      {"step", "params", "opt_state", "ema_params"}, restored onto this mesh's shardings
-             (so a run can resume on another device count);
-  data_iter  the grain iterator's position, so a resumed run sees exactly the batches it would have.
+             (so a run can resume on another device count).
+
+The data iterator's position is not saved: step k trains on global batch k of a stream that does
+not depend on the process count or row split, so train.py restarts the iterator at the restored
+step (data.create_train_iterator's `start_batch`). A per-process grain state would be wrong as soon
+as the processes or their rows change. The `data_iter` item of older checkpoints is ignored.
 """
 
 import os
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,10 +30,7 @@ def create_manager(
     save_interval_steps=save_every,
     enable_async_checkpointing=True,
   )
-  handlers = {
-    "state": ocp.StandardCheckpointHandler(),
-    "data_iter": grain.checkpoint.CheckpointHandler(),
-  }
+  handlers = {"state": ocp.StandardCheckpointHandler()}
   # Orbax wants absolute paths; cloud paths (gs://...) already are.
   root = workdir if "://" in workdir else os.path.abspath(workdir)
   return ocp.CheckpointManager(
@@ -38,12 +38,10 @@ def create_manager(
   )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, force=False) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, state, *, force=False) -> bool:
   """Saves (asynchronously) when `step` is due or `force`; returns whether a save started."""
-  items = {"state": ocp.args.StandardSave(state)}
-  if data_iter is not None:
-    items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state))
+  return manager.save(step, args=args, force=force)
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -74,8 +72,9 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
     )
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, shardings, data_iter=None, step=None):
-  """Restores the latest (or given) step onto `shardings`; returns the state, or None if none."""
+def restore(manager: ocp.CheckpointManager, abstract_state, shardings, step=None):
+  """Restores the latest (or given) step onto `shardings`; returns the state, or None if none.
+  The data iterator is positioned from the restored state["step"] (see the module docstring)."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
@@ -83,10 +82,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, shardings, data_iter
   target = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
   )
-  items = {"state": ocp.args.StandardRestore(target)}
-  if data_iter is not None:
-    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
   return restored["state"]
 

@@ -4,8 +4,8 @@
 
 The state is a plain pytree {"step", "params", "opt_state", "ema_params"} (NNX states for the
 parameters), placed on the mesh by `jax.jit` out_shardings and updated by one jitted, donated step.
-The step's noise comes from fold_in(seed, step), and the data iterator's position is checkpointed
-with the state, so a resumed run continues bit for bit.
+The step's noise comes from fold_in(seed, step) and step k trains on global batch k, so a resumed
+run continues bit for bit, on any number of processes.
 """
 
 import collections
@@ -221,12 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f"data {config.data.name!r} gives images of shape {tuple(info.image_shape)} but the model "
       f"expects {expected} (model.input_size, model.in_channels)."
     )
-  train_iter = data.create_train_iterator(
-    config.data,
-    batch_size=config.train.batch_size,
-    seed=config.seed,
-    rows=parallel.local_rows(mesh, config.train.batch_size),
-  )
+  rows = parallel.local_rows(mesh, config.train.batch_size)  # the iterator starts after restore
 
   # ---------------------------------------------------------------- Shard
   abstract_state = jax.eval_shape(init_state)
@@ -249,7 +244,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     save_every=config.train.checkpoint_every,
     keep_period=config.train.keep_period,
   )
-  state = checkpoint.restore(manager, abstract_state, state_sharding, data_iter=train_iter)
+  state = checkpoint.restore(manager, abstract_state, state_sharding)
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     if config.train.init_from:
@@ -261,6 +256,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("Stage transition: %s", change)
     logging.info("Initialised a new model in %s", workdir)
   start_step = int(jax.device_get(state["step"]))
+  # Step k reads global batch k (grad_accum_steps splits it, reads no more), and the global stream
+  # is the same for any processes and rows: the step alone places the input, no saved iterator.
+  train_iter = data.create_train_iterator(
+    config.data,
+    batch_size=config.train.batch_size,
+    seed=config.seed,
+    rows=rows,
+    start_batch=start_step,
+  )
+  logging.info(
+    "Input starts at global batch %d (the restored step); this process reads rows %s of %d",
+    start_step,
+    rows,
+    config.train.batch_size,
+  )
 
   # ---------------------------------------------------------------- Loop
   num_steps = config.train.num_steps
@@ -307,7 +317,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       )
       t_last, step_last = now, step
 
-    if checkpoint.save(manager, step, state, train_iter, force=stopping):
+    if checkpoint.save(manager, step, state, force=stopping):
       last_good_step = step
     if config.train.sample_every and step % config.train.sample_every == 0:
       write_samples(config, workdir, graphdef, state, schedule, step, writer)
@@ -317,7 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- Samples
   final_step = int(jax.device_get(state["step"]))
   if final_step != last_good_step:
-    checkpoint.save(manager, final_step, state, train_iter, force=True)
+    checkpoint.save(manager, final_step, state, force=True)
   manager.wait_until_finished()
   logging.info("Trained %d steps in %s", final_step - start_step, _eta(time.time() - t_start))
   if not stop.stopping and config.sample.num_images > 0:

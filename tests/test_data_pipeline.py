@@ -1,8 +1,7 @@
-"""The grain pipeline: seeded, resumable, sharded, per-epoch shuffled, flipped."""
+"""The grain pipeline: seeded, resumable at any global batch, sharded, per-epoch shuffled,
+flipped; the same batches on any number of processes and workers."""
 
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from dim_jax import data
@@ -48,6 +47,20 @@ def _take(iterator, num_batches):
   return [next(iterator) for _ in range(num_batches)]
 
 
+def _row_blocks(size, num_processes):
+  """Uneven blocks of rows when num_processes does not divide size, like parallel.local_rows."""
+  bounds = np.linspace(0, size, num_processes + 1).astype(int)
+  return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _stacked(per_process):
+  """Each process's list of batches -> the global batches, its rows stacked in process order."""
+  return [
+    {key: np.concatenate([batch[key] for batch in group]) for key in group[0]}
+    for group in zip(*per_process, strict=True)
+  ]
+
+
 def _assert_same_batches(got, want, msg):
   assert len(got) == len(want)
   for step, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -90,24 +103,6 @@ def test_restored_state_continues_exactly_where_it_stopped():
   _assert_same_batches(_take(restored, 8), want, f"seed={seed} stop={stop} cfg={cfg}")
 
 
-def test_iterator_state_round_trips_through_an_orbax_checkpoint(tmp_path):
-  seed = _fresh_seed()
-  cfg = dict(name="shapes", image_size=8, num_examples=25, worker_count=0)
-  iterator = data.create_train_iterator(cfg, batch_size=3, seed=seed)
-  _take(iterator, 5)
-  with ocp.CheckpointManager(
-    tmp_path, item_handlers={"data_iter": grain.checkpoint.CheckpointHandler()}
-  ) as manager:
-    manager.save(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(iterator)))
-    manager.wait_until_finished()
-    want = _take(iterator, 6)
-    restored = data.create_train_iterator(cfg, batch_size=3, seed=seed)
-    manager.restore(
-      5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(restored))
-    )
-  _assert_same_batches(_take(restored, 6), want, f"seed={seed}")
-
-
 def test_every_epoch_is_a_new_permutation_of_the_split(index_data):
   seed, n = _fresh_seed(), 24
   labels = _labels(data.create_train_iterator(index_data(n), batch_size=4, seed=seed), 3 * n // 4)
@@ -124,18 +119,35 @@ def test_process_rows_rebuild_the_single_process_batches(index_data, num_process
   batches do not depend on the number of processes."""
   seed, size, steps = _fresh_seed(), 6, 7  # 7 batches of 6 from 20 examples: crosses 2 epochs
   single = _take(data.create_train_iterator(index_data(20), batch_size=size, seed=seed), steps)
-  bounds = np.linspace(0, size, num_processes + 1).astype(int)  # uneven blocks for 4 of 6 rows
   per_process = [
-    _take(
-      data.create_train_iterator(index_data(20), batch_size=size, seed=seed, rows=(lo, hi)), steps
+    _take(data.create_train_iterator(index_data(20), batch_size=size, seed=seed, rows=r), steps)
+    for r in _row_blocks(size, num_processes)  # uneven blocks for 4 of 6 rows
+  ]
+  _assert_same_batches(_stacked(per_process), single, f"seed={seed}, {num_processes} processes")
+
+
+@pytest.mark.parametrize("resume_processes", [1, 3])
+def test_resume_at_global_batch_k_on_other_processes_continues_the_one_process_stream(
+  index_data, resume_processes
+):
+  """A run saved at step k by 2 processes resumes on 1 or 3 at global batch k (the step is all a
+  checkpoint keeps of the input): the stacked rows equal the uninterrupted one-process batches
+  k, k+1, ..., across epoch boundaries."""
+  seed, size, more = _fresh_seed(), 6, 5
+  k = int(np.random.default_rng(seed).integers(1, 9))  # 20 examples: an epoch is 3 1/3 batches
+
+  def batches(rows, start, count):
+    it = data.create_train_iterator(
+      index_data(20), batch_size=size, seed=seed, rows=rows, start_batch=start
     )
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-  ]
-  stacked = [
-    {key: np.concatenate([p[step][key] for p in per_process]) for key in single[step]}
-    for step in range(steps)
-  ]
-  _assert_same_batches(stacked, single, f"seed={seed}, {num_processes} processes")
+    return _take(it, count)
+
+  single = batches(None, 0, k + more)
+  before = _stacked([batches(r, 0, k) for r in _row_blocks(size, 2)])
+  _assert_same_batches(before, single[:k], f"seed={seed}, 2 processes before the save")
+  after = _stacked([batches(r, k, more) for r in _row_blocks(size, resume_processes)])
+  msg = f"seed={seed}, resumed at batch {k} on {resume_processes} processes"
+  _assert_same_batches(after, single[k:], msg)
 
 
 def test_random_flip_mirrors_about_half_the_images_and_nothing_else(index_data):
@@ -167,18 +179,23 @@ def test_bad_names_and_arguments_fail_with_one_clear_line():
   for rows in [(2, 2), (0, 5), (-1, 2)]:
     with pytest.raises(ValueError, match=rf"rows \({rows[0]}, {rows[1]}\) .* batch of 4"):
       data.create_train_iterator(cfg, batch_size=4, seed=0, rows=rows)
+  with pytest.raises(ValueError, match="start_batch=-1"):
+    data.create_train_iterator(cfg, batch_size=4, seed=0, start_batch=-1)
 
 
-def test_worker_processes_resume_exactly_too():
-  """With grain worker processes (worker_count > 0) the saved state restores the same stream."""
+def test_worker_processes_change_no_batch_even_when_resumed_on_other_rows():
+  """grain workers read strided positions and take turns; the batches are still the no-worker
+  ones, started from scratch or from an odd global batch on a block of rows, so data.worker_count
+  may change across a resume too."""
   seed = _fresh_seed()
-  cfg = dict(name="shapes", image_size=8, num_examples=21, worker_count=2)
-  uninterrupted = data.create_train_iterator(cfg, batch_size=4, seed=seed)
-  _take(uninterrupted, 3)
-  state = uninterrupted.get_state()
-  want = _take(uninterrupted, 5)
-  restored = data.create_train_iterator(cfg, batch_size=4, seed=seed)
-  restored.set_state(state)
-  _assert_same_batches(_take(restored, 5), want, f"seed={seed}")
+  cfg = dict(name="shapes", image_size=8, num_examples=21, worker_count=0)
+  want = _take(data.create_train_iterator(cfg, batch_size=4, seed=seed), 8)
+  three = _take(data.create_train_iterator(dict(cfg, worker_count=3), batch_size=4, seed=seed), 8)
+  _assert_same_batches(three, want, f"seed={seed}, 3 workers")
+  resumed = data.create_train_iterator(
+    dict(cfg, worker_count=2), batch_size=4, seed=seed, rows=(1, 3), start_batch=3
+  )
+  rows_of_want = [{key: w[key][1:3] for key in w} for w in want[3:]]
+  _assert_same_batches(_take(resumed, 5), rows_of_want, f"seed={seed}, 2 workers from batch 3")
   labels = np.concatenate([b["label"] for b in want])
   assert np.bincount(labels, minlength=4).min() > 0, f"seed={seed}: a class never appears"

@@ -1,7 +1,8 @@
 """Input pipelines: grain over random-access sources, host-local NumPy batches. No TensorFlow.
 
   info = data.dataset_info(data_cfg)  # DatasetInfo(image_shape=(H, W, C), num_classes, ...)
-  it = data.create_train_iterator(data_cfg, batch_size=global_batch, seed=0, rows=(start, stop))
+  it = data.create_train_iterator(data_cfg, batch_size=global_batch, seed=0, rows=(start, stop),
+                                 start_batch=step)  # a resumed run starts at its step's batch
   batch = next(it)   # its rows: {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)}
   counts = data.pop_counters(batch)  # {"bad_files": n, "converted": n} for file sources, else {}
 
@@ -10,8 +11,8 @@ optional field takes the default shown.
 
   name          shapes | fashion_mnist | cifar10 | imagenet2012 | image_folder | latents
   image_size    side of the square images (default 32; 256 for imagenet2012 and image_folder)
-  worker_count  grain worker processes; 0 reads in the main process (default 0). The order of
-                batches depends on it: keep it fixed across a resume.
+  worker_count  grain worker processes; 0 reads in the main process (default 0). The batches
+                do not depend on it, so it may change across a resume.
   read_threads  threads per process that read and decode ahead (default 8)
   random_flip   random horizontal flip, p = 1/2 (default True)
   data_dir      where the data lie (see each source; None or "" = the source's default)

@@ -9,10 +9,10 @@ rows of each global batch, batch, prefetch.
   .mp_prefetch(worker_count)              worker processes when worker_count > 0
 
 Every process walks the same global stream and reads only its rows of each global batch, so the
-global batches, and with them a training run, are the same on any number of processes (one GPU
-or a pod give the same losses). Everything before `to_iter_dataset` is index-based, so the
-iterator's state is a position and a restored iterator yields exactly the batches an
-uninterrupted one would.
+global batches, and with them a training run, are the same on any number of processes and grain
+workers (one GPU or a pod give the same losses). Everything before `to_iter_dataset` is
+index-based, so the iterator can start at any global batch (`start_batch`): a run resumed at step
+k starts at batch k and sees exactly the batches an uninterrupted one would, whatever its layout.
 """
 
 import grain
@@ -121,36 +121,55 @@ def shard(dataset: grain.MapDataset, process_index: int, process_count: int) -> 
 
 
 class RowsOfGlobalBatches:
-  """grain map: local position i -> the example at global position of row start + i % rows of
-  global batch i // rows. A class, not a closure, so grain's worker processes can pickle it."""
+  """grain map: local position -> the example that makes local batch j hold rows (start, stop) of
+  global batch first_batch + j. A class, not a closure, so grain's worker processes can pickle it.
 
-  def __init__(self, stream: grain.MapDataset, batch_size: int, rows: tuple[int, int]):
+  grain's worker w of `workers` reads positions w, w + workers, ... and batches them; the main
+  process takes the workers' batches in turn. So positions go worker-major within each block of
+  `workers` batches: worker w's b-th batch is then local batch b * workers + w, and the batches come
+  out in order whatever the worker count (workers = 1 is the plain row-major layout).
+  """
+
+  def __init__(self, stream, batch_size: int, rows: tuple[int, int], first_batch=0, workers=1):
     self.stream, self.batch_size, self.rows = stream, batch_size, rows
+    self.first_batch, self.workers = first_batch, workers
 
   def __call__(self, position: int) -> dict:
     start, stop = self.rows
-    batch, row = divmod(position, stop - start)
+    block, offset = divmod(position, self.workers * (stop - start))
+    row, worker = divmod(offset, self.workers)
+    batch = self.first_batch + block * self.workers + worker
     return self.stream[batch * self.batch_size + start + row]
 
 
 def create_train_iterator(
-  data_cfg, *, batch_size: int, seed: int, rows: tuple[int, int] | None = None
+  data_cfg,
+  *,
+  batch_size: int,
+  seed: int,
+  rows: tuple[int, int] | None = None,
+  start_batch: int = 0,
 ) -> grain.DatasetIterator:
-  """Endless iterator of this process's rows of each global batch of `batch_size` examples:
-  {"image": float32 (stop - start, H, W, C), "label": (stop - start,)}.
+  """Endless iterator of this process's rows of each global batch of `batch_size` examples,
+  from global batch `start_batch` on: {"image": float32 (stop - start, H, W, C), "label": (stop -
+  start,)}.
 
   `rows` = (start, stop): the rows of the global batch this process reads (default: all of them;
-  train.py takes those its devices hold, `parallel.local_rows`). The iterator has get_state /
-  set_state and is saved with grain.checkpoint.CheckpointSave inside the Orbax checkpoint.
+  train.py takes those its devices hold, `parallel.local_rows`). A resumed run passes its step as
+  `start_batch`; the batches depend on neither the rows nor data.worker_count, so nothing else of
+  the iterator needs saving (get_state / set_state still work within one layout).
   """
   start, stop = (int(r) for r in rows or (0, batch_size))
   if not 0 <= start < stop <= batch_size:
     raise ValueError(f"rows {(start, stop)} are not a non-empty part of a batch of {batch_size}.")
+  if start_batch < 0:
+    raise ValueError(f"start_batch={start_batch} must be >= 0 (a global batch index).")
   source = make_source(data_cfg)
   stream = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
   stream = stream.map_with_index(source.augment(seed))
-  local = grain.MapDataset.range(len(stream) // batch_size * (stop - start))
-  local = local.map(RowsOfGlobalBatches(stream, batch_size, (start, stop)))
+  workers = max(data_cfg.get("worker_count", 0), 1)
+  local = grain.MapDataset.range((len(stream) // batch_size - start_batch) * (stop - start))
+  local = local.map(RowsOfGlobalBatches(stream, batch_size, (start, stop), start_batch, workers))
   return iter(batched_stream(local, data_cfg, stop - start, source.finalize, drop_remainder=True))
 
 
