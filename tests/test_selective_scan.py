@@ -186,19 +186,23 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
 
 
 @pytest.mark.parametrize(
-  "segments, chunk, lane_reduce, save_every", [(3, 4, True, 1), (2, 8, False, 1), (2, 2, True, 3)]
+  "segments, chunk, lane_reduce, save_every, fwd_block_d",
+  [(3, 4, True, 1, 32), (2, 8, False, 1, 32), (2, 2, True, 3, 32), (1, 4, True, 1, 64)],
 )
-def test_pallas_lanes_segments_and_channel_blocks(segments, chunk, lane_reduce, save_every):
+def test_pallas_lanes_segments_and_channel_blocks(
+  segments, chunk, lane_reduce, save_every, fwd_block_d
+):  # fmt: skip
   """The sequence split over programs (length padded to segments x chunks), several channel
-  blocks (dB, dC summed over blocks, by the warp butterfly or by one sum per value) and states
-  kept only every few chunks (recomputed in the backward), in value and every gradient."""
+  blocks (dB, dC summed over blocks, by the warp butterfly or by one sum per value), states kept
+  only every few chunks (recomputed in the backward) and a forward with wider blocks than the
+  backward, in value and every gradient."""
   from dim_jax.ops import scan_pallas_lanes
 
   rng, seed = _rng()
   x = random_inputs(rng, 2, 19, 40, 3)
   scan = functools.partial(
     scan_pallas_lanes.selective_scan_pallas_lanes, block_d=32, segments=segments,
-    lane_reduce=lane_reduce, save_every=save_every,
+    lane_reduce=lane_reduce, save_every=save_every, fwd_block_d=fwd_block_d,
   )  # fmt: skip
   _assert_fused_matches_numpy(scan, x, chunk, seed)
 
@@ -255,6 +259,15 @@ def test_unknown_impl_names_valid_ones():
   ):
     selective_scan(x, x, jnp.zeros((3, 4)), jnp.zeros((1, 2, 4)), jnp.zeros((1, 2, 4)),
                    jnp.zeros(3), impl="cuda")  # fmt: skip
+
+
+def test_lanes_forward_takes_two_channels_per_lane_only_when_programs_stay_many():
+  from dim_jax.ops.scan_pallas_lanes import default_fwd_block_d
+
+  assert default_fwd_block_d(64, 3072, 32, 1, 1) == 64  # DiM-H at 256²: 3072 programs
+  assert default_fwd_block_d(8, 3072, 32, 1, 1) == 32  # 512², batch 8: 384 programs would be few
+  assert default_fwd_block_d(1, 9216, 32, 1, 32) == 32  # split sequences keep the backward's
+  assert default_fwd_block_d(64, 3072, 64, 1, 1) == 64  # already two channels per lane
 
 
 def test_lanes_kernel_splits_the_sequence_only_when_programs_are_few():
