@@ -52,8 +52,8 @@ def matmul_rate(n: int) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
-def time_step(config, iters: int):
-  """Median seconds per step, peak bytes, or (None, error) when it does not fit."""
+def sharded_step(config):
+  """(jitted step, init_state, state sharding, batch sharding, mesh) as train.py builds them."""
   graphdef, init_state, tx, lr = train.build_state(config)
   mesh = parallel.create_mesh(config.mesh)
   state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh)
@@ -64,6 +64,12 @@ def time_step(config, iters: int):
     out_shardings=(state_sharding, parallel.replicated(mesh)),
     donate_argnums=(0,),
   )
+  return step, init_state, state_sharding, batch_sharding, mesh
+
+
+def time_step(config, iters: int):
+  """Median seconds per step, peak bytes, or (None, error) when it does not fit."""
+  step, init_state, state_sharding, batch_sharding, mesh = sharded_step(config)
   size = config.model.input_size
   batch = {  # (global batch, 32, 32, 4) latents at 256²
     "image": jax.random.normal(jax.random.key(1), (config.train.batch_size, size, size, 4)),

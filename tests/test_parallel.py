@@ -114,18 +114,10 @@ NO_GATHERED_ACTIVATIONS = """
 import re
 import jax, jax.numpy as jnp
 from benchmarks import train_step
-from dim_jax import diffusion, parallel, train
 
 c = train_step.config_for("S/2", 256, 4, "block", "reference", tiny=True)
 c.model.update(width=64, depth=3)
-graphdef, init_state, tx, lr = train.build_state(c)
-mesh = parallel.create_mesh(c.mesh)
-state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh)
-rows = parallel.batch_sharding(mesh)
-step = jax.jit(
-  train.make_train_step(c, graphdef, tx, lr, diffusion.create_schedule(c.diffusion)),
-  in_shardings=(state_sharding, rows), out_shardings=(state_sharding, parallel.replicated(mesh)),
-)
+step, init_state, state_sharding, rows, mesh = train_step.sharded_step(c)
 n = c.train.batch_size
 batch = {"image": jax.ShapeDtypeStruct((n, 32, 32, 4), jnp.float32, sharding=rows),
          "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rows)}
