@@ -60,23 +60,25 @@ TUNE_SWEEPS = {
   (9216, 1): dict(fwd=[(4, 1, 8), (4, 1, 4)], bwd=[]),
 }
 CHECK_IMPLS = (("pallas", {}),)  # (impl, kwargs) checked against the reference on the GPU
-# Lanes kernel (part "lanes"): settings (block_d, num_warps, chunk, segments, save_every, prefetch,
-# fast_exp, lane_reduce) timed forward and forward+backward per (L, batch); the first of each list
-# is the best setting so far, the baseline the others are checked against. Session 3 (11-28):
-# fast_exp + lane_reduce took fwd+bwd from 5.32 to 3.92 ms at 366 x 64 and, with 32 segments,
-# from 4.49 to 2.21 ms at 9216 x 1. block_d = 32 x warps x k channels per lane; lane_reduce needs
-# k = 1. save_every m > 1 keeps one state per m chunks (m times less memory, one more pass of exps
-# in the backward). chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
+# Lanes kernel (part "lanes"): settings (LANES_KEYS) timed forward and forward+backward per
+# (L, batch); the first of each list is the best setting so far, the baseline the others are
+# checked against. Session 3 (11-28): fast_exp + lane_reduce took fwd+bwd from 5.32 to 3.92 ms at
+# 366 x 64 and, with 32 segments, from 4.49 to 2.21 ms at 9216 x 1. block_d = 32 x warps x k
+# channels per lane; lane_reduce needs k = 1. save_every m > 1 keeps one state per m chunks (m
+# times less memory, one more pass of exps in the backward). shuffle: B, C broadcast from lanes
+# instead of scalar loads. chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
 LANES_KEYS = (
-  "block_d", "num_warps", "chunk", "segments", "save_every", "prefetch", "fast_exp", "lane_reduce"
+  "block_d", "num_warps", "chunk", "segments", "save_every", "prefetch", "fast_exp", "lane_reduce",
+  "shuffle",
 )  # fmt: skip
 LANES_SWEEPS = {
-  (9216, 1): [(32, 1, 2, 32, 1, False, True, True), (32, 1, 2, 32, 4, False, True, True),
-              (32, 1, 2, 64, 1, False, True, True), (32, 1, 4, 32, 2, False, True, True)],
-  (366, 64): [(32, 1, 2, 1, 1, False, True, True), (64, 1, 2, 1, 1, False, True, False)],
+  (9216, 1): [(32, 1, 2, 32, 1, False, True, True, 1), (32, 1, 2, 32, 1, False, True, True, 0),
+              (32, 1, 2, 32, 4, False, True, True, 1), (32, 1, 4, 32, 2, False, True, True, 1)],
+  (366, 64): [(32, 1, 2, 1, 1, False, True, True, 1), (32, 1, 2, 1, 1, False, True, True, 0),
+              (32, 1, 4, 1, 1, False, True, True, 1)],
 }  # fmt: skip
 SMOKE_LANES_SWEEPS = {
-  (37, 2): [(32, 1, 2, 1, 1, False, False, False), (32, 1, 2, 2, 3, False, True, True)]
+  (37, 2): [(32, 1, 2, 1, 1, False, False, False, False), (32, 1, 2, 2, 3, False, True, True, True)]
 }
 LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass, both paths
   (jnp.float32, dict(block_d=64, num_warps=2, chunk=4, segments=4)),
@@ -348,8 +350,8 @@ def lanes_kept_gb(shape, kw):
 
 
 def lanes_label(kw):
-  flags = [name for key, name in (("prefetch", "pf"), ("fast_exp", "fx"), ("lane_reduce", "lr"))
-           if kw.get(key)]  # fmt: skip
+  flags = [name for key, name in (("prefetch", "pf"), ("fast_exp", "fx"), ("lane_reduce", "lr"),
+                                  ("shuffle", "sh")) if kw.get(key)]  # fmt: skip
   base = "pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments} m{save_every}".format(**kw)
   return " ".join([base, *flags])
 

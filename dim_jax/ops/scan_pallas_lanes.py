@@ -44,6 +44,7 @@ class KernelConfig:
   prefetch: bool  # forward loads chunk c + 1 while computing chunk c
   fast_exp: bool  # exponentials as ex2.approx.ftz (GPU only)
   lane_reduce: bool  # backward dB, dC through one warp butterfly per step (one channel per lane)
+  shuffle: bool  # B, C gathered one value per lane per chunk, broadcast by warp shuffles
   softplus: bool
   interpret: bool
 
@@ -69,6 +70,7 @@ DEFAULTS = dict(
   prefetch=False,
   fast_exp=True,
   lane_reduce=True,
+  shuffle=True,
 )
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
 # L=9216, D=3072, batch 1, chunk 2 (benchmarks/RESULTS.md): fwd / fwd+bwd 1.60 / 3.62 ms with 8
@@ -112,7 +114,7 @@ def _specs(seg_len, state, cfg):
   bd, nc = cfg.block_d, _saved_states(seg_len, cfg)
   return dict(
     rows=pl.BlockSpec((None, seg_len, bd), lambda b, s, j: (b, s, j)),  # (B, L, D)
-    state_rows=pl.BlockSpec((None, seg_len, state), lambda b, s, j: (b, s, 0)),  # B, C: (B, L, N)
+    state_rows=pl.BlockSpec((None, seg_len * state), lambda b, s, j: (b, s)),  # B, C: (B, L·N)
     param=pl.BlockSpec((state, bd), lambda b, s, j: (0, j)),  # Aᵀ: (N, D)
     vec=pl.BlockSpec((bd,), lambda b, s, j: (j,)),  # D, bias: (D,)
     seg_state=pl.BlockSpec((None, None, state, bd), lambda b, s, j: (b, s, 0, j)),  # (B, S, N, D)
@@ -154,7 +156,13 @@ def _split_channel_sums(sums, state, lane_reduce):
 def _call(cfg, kernel, name, ins, in_specs, out_shape, out_specs, grid, **static):
   return pl.pallas_call(
     functools.partial(
-      kernel, chunk=cfg.chunk, softplus=cfg.softplus, fast_exp=cfg.kernel_fast_exp, **static
+      kernel,
+      chunk=cfg.chunk,
+      softplus=cfg.softplus,
+      fast_exp=cfg.kernel_fast_exp,
+      shuffle=cfg.shuffle,
+      native=not cfg.interpret,
+      **static,
     ),  # fmt: skip
     out_shape=out_shape,
     grid=grid,
@@ -272,10 +280,12 @@ def _backward(cfg, res, g):
   outs = _call(
     cfg, kernels.backward_kernel, "selective_scan_lanes_bwd", ins, in_specs, tuple(out_shape),
     tuple(out_specs), grid, seg_len=seg_len, has_z=has_z, lane_reduce=lane_reduce,
-    native=not cfg.interpret, save_every=cfg.save_every,
+    save_every=cfg.save_every,
   )  # fmt: skip
   outs = outs[: len(outs) - (cfg.save_every > 1)]
-  d_b, d_c = _split_channel_sums(outs[-4], state, lane_reduce)
+  d_b, d_c = (  # (B, blocks, L·N), as B and C enter the kernels
+    x.reshape(batch, num_blocks, -1) for x in _split_channel_sums(outs[-4], state, lane_reduce)
+  )
   outs = (*outs[:-4], d_b, d_c, *outs[-3:])
   return kernel_cotangents(outs, has_z, (0, 1), a2, B, C, D, bias)  # programs: (sample, segment)
 
@@ -297,7 +307,7 @@ def selective_scan_pallas_lanes(
   u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
   fwd_block_d=None,
   num_warps=None, segments=None, save_every=None, prefetch=None, fast_exp=None, lane_reduce=None,
-  interpret=None,
+  shuffle=None, interpret=None,
 ):  # fmt: skip
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
@@ -324,6 +334,7 @@ def selective_scan_pallas_lanes(
     prefetch=DEFAULTS["prefetch"] if prefetch is None else prefetch,
     fast_exp=DEFAULTS["fast_exp"] if fast_exp is None else fast_exp,
     lane_reduce=DEFAULTS["lane_reduce"] if lane_reduce is None else lane_reduce,
+    shuffle=DEFAULTS["shuffle"] if shuffle is None else shuffle,
     softplus=delta_softplus,
     interpret=interpret,
   )
@@ -338,7 +349,7 @@ def selective_scan_pallas_lanes(
   a2 = A.astype(F32).T * v1.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)
   u, delta, z = (pad_axis(pad_axis(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
   # B, C in float32: (B, L, N) is small, and the kernels then convert nothing per (t, n).
-  B, C = (pad_axis(x.astype(F32), 1, padded_l) for x in (B, C))
+  B, C = (pad_axis(x.astype(F32), 1, padded_l).reshape(batch, -1) for x in (B, C))  # (B, L·N)
   D, delta_bias = (pad_axis(x, 0, padded_d) for x in (D, delta_bias))
   a2 = pad_axis(a2, 1, padded_d)
   y = _fused_scan(cfg, u, delta, a2, B, C, D, delta_bias, z)  # (B, padded L, padded D)
