@@ -60,32 +60,32 @@ TUNE_SWEEPS = {
   (9216, 1): dict(fwd=[(4, 1, 8), (4, 1, 4)], bwd=[]),
 }
 CHECK_IMPLS = (("pallas", {}),)  # (impl, kwargs) checked against the reference on the GPU
-# Lanes kernel (part "lanes"): settings (LANES_KEYS) timed forward and forward+backward per
-# (L, batch); the first of each list is the best setting so far, the baseline the others are
-# checked against. Session 3 (11-28): fast_exp + lane_reduce took fwd+bwd from 5.32 to 3.92 ms at
-# 366 x 64 and, with 32 segments, from 4.49 to 2.21 ms at 9216 x 1. block_d = 32 x warps x k
-# channels per lane; lane_reduce needs k = 1. save_every m > 1 keeps one state per m chunks (m
-# times less memory, one more pass of exps in the backward). shuffle: B, C broadcast from lanes
-# instead of scalar loads. chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
-LANES_KEYS = (
-  "block_d", "num_warps", "chunk", "segments", "save_every", "prefetch", "fast_exp", "lane_reduce",
-  "shuffle",
-)  # fmt: skip
+# Lanes kernel (part "lanes"): settings (overrides of the library's defaults, which are
+# `scan_pallas_lanes.DEFAULTS` plus the computed segments and fwd_block_d) timed forward and
+# forward+backward per (L, batch); the first of each list is the baseline the others are checked
+# against. History in .notes/scan.md: session 3 added fast exps, the warp butterfly and 32
+# segments; session 4 B/C broadcast by shuffles (shuffle), fma, fast softplus/sigmoid (fast_act)
+# and a forward chunk of its own (fwd_chunk, a divisor of chunk x save_every). save_every m > 1
+# keeps one state per m chunks (m times less memory, one more pass of exps in the backward).
+# chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
 LANES_SWEEPS = {
-  (9216, 1): [(32, 1, 2, 32, 1, False, True, True, 1), (32, 1, 2, 32, 1, False, True, True, 0),
-              (32, 1, 2, 32, 4, False, True, True, 1), (32, 1, 4, 32, 2, False, True, True, 1)],
-  (366, 64): [(32, 1, 2, 1, 1, False, True, True, 1), (32, 1, 2, 1, 1, False, True, True, 0),
-              (32, 1, 4, 1, 1, False, True, True, 1)],
+  (9216, 1): [dict(segments=32), dict(segments=32, fast_act=False),
+              dict(segments=32, save_every=2, fwd_chunk=4),
+              dict(segments=32, save_every=4, fwd_chunk=4), dict(segments=32, prefetch=True)],
+  (366, 64): [dict(), dict(fast_act=False), dict(save_every=2, fwd_chunk=4),
+              dict(chunk=4), dict(save_every=2, fwd_chunk=4, prefetch=True)],
 }  # fmt: skip
 SMOKE_LANES_SWEEPS = {
-  (37, 2): [(32, 1, 2, 1, 1, False, False, False, False), (32, 1, 2, 2, 3, False, True, True, True)]
-}
-LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass, both paths
+  (37, 2): [dict(fast_exp=False, lane_reduce=False, shuffle=False, fast_act=False),
+            dict(segments=2, save_every=3, fwd_chunk=3)]
+}  # fmt: skip
+LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass, all paths
   (jnp.float32, dict(block_d=64, num_warps=2, chunk=4, segments=4)),
-  (jnp.float32, dict(block_d=64, num_warps=1, chunk=2, segments=2, fast_exp=False)),
-  (jnp.float32, dict(block_d=32, num_warps=1, chunk=2, segments=4, save_every=4)),
+  (jnp.float32, dict(block_d=64, num_warps=1, chunk=2, segments=2, fast_exp=False,
+                     fast_act=False, shuffle=False)),
+  (jnp.float32, dict(block_d=32, num_warps=1, chunk=2, segments=4, save_every=2, fwd_chunk=4)),
   (jnp.bfloat16, dict(block_d=32, num_warps=1, chunk=2, segments=1)),
-)
+)  # fmt: skip
 # XLA impls are timed at these (L, batch) only (each costs minutes of compile on the device);
 # reference/selective-scan.md §1 has them at 9216 x 1 as well.
 XLA_SHAPES = {(366, 64), (1230, 8), (9216, 1)}
@@ -339,21 +339,29 @@ def table(out_dir, budget, bandwidth, quick, impls):
   return [r[1:] for r in rows]
 
 
+def lanes_resolved(shape, kw):
+  """chunk, save_every and segments as the library resolves the overrides `kw`."""
+  length, channels, _, batch = shape
+  chunk = kw.get("chunk", scan_pallas_lanes.DEFAULTS["chunk"])
+  block_d = kw.get("block_d", scan_pallas_lanes.DEFAULTS["block_d"])
+  segments = kw.get("segments") or scan_pallas_lanes.default_segments(
+    batch, length, channels, block_d, chunk
+  )  # fmt: skip
+  return chunk, kw.get("save_every", scan_pallas_lanes.DEFAULTS["save_every"]), segments
+
+
 def lanes_kept_gb(shape, kw):
   """States the lanes kernel keeps for its backward (one (N, D) fp32 state per save_every chunks
   and sample; the length padded to segments x groups), plus ΣΔ per segment."""
   length, channels, state, batch = shape
-  segments = kw["segments"]
+  chunk, save_every, segments = lanes_resolved(shape, kw)
   seg_len = -(-length // segments)
-  seg_groups = -(-seg_len // (kw["chunk"] * kw.get("save_every", 1)))
+  seg_groups = -(-seg_len // (chunk * save_every))
   return batch * channels * 4 * (segments * seg_groups * state + segments) / 1e9
 
 
 def lanes_label(kw):
-  flags = [name for key, name in (("prefetch", "pf"), ("fast_exp", "fx"), ("lane_reduce", "lr"),
-                                  ("shuffle", "sh")) if kw.get(key)]  # fmt: skip
-  base = "pallas_lanes bd{block_d} w{num_warps} c{chunk} S{segments} m{save_every}".format(**kw)
-  return " ".join([base, *flags])
+  return " ".join(["pallas_lanes", *(f"{k}={v}" for k, v in kw.items())]) if kw else "pallas_lanes"
 
 
 def tune_lanes(out_dir, budget):
@@ -370,18 +378,18 @@ def tune_lanes(out_dir, budget):
       if over_budget(budget):
         log(dict(kind="skipped", shape=name, setting=setting, why="time budget"), out_dir)
         continue
-      kw = dict(zip(LANES_KEYS, setting, strict=True))
+      kw = dict(setting)
       check = baseline if "grads" in baseline else None
       keep = None if baseline else baseline
       rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, keep=keep, memory=False,
                     **kw)  # fmt: skip
-      rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(shape, kw))
+      rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(shape, kw), setting=kw)
       if "fb_ms" in rec:
         recs.append(rec)
     if not recs:
       continue
     pick = min(recs, key=lambda r: r["fb_ms"])  # the setting for training
-    best[(length, batch)] = {k: pick[k] for k in LANES_KEYS}
+    best[(length, batch)] = pick["setting"]
     rows.extend(recs)
     log(dict(kind="best_lanes", L=length, batch=batch, **best[(length, batch)]), out_dir)
   return rows, best
@@ -390,11 +398,10 @@ def tune_lanes(out_dir, budget):
 def lanes_table(out_dir, budget, bandwidth, tuned, best):
   """The tuned rows, then the best lanes setting at every other shape: batch <= 4 takes the
   L=9216 b=1 setting (sequence split), larger batches the L=366 b=64 one."""
-  split = dict(scan_pallas_lanes.DEFAULTS, segments=scan_pallas_lanes.SPLIT_SEGMENTS)
-  long_kw = best.get((9216, 1), split)
-  wide_kw = best.get((366, 64), dict(scan_pallas_lanes.DEFAULTS))
+  long_kw = best.get((9216, 1), {})
+  wide_kw = best.get((366, 64), {})
   if SMOKE:
-    long_kw = wide_kw = best.get((37, 2), dict(scan_pallas_lanes.DEFAULTS))
+    long_kw = wide_kw = best.get((37, 2), {})
   rows = []
   for name, length, channels, state, batch in SMOKE_SHAPES if SMOKE else SHAPES:
     shape = (length, channels, state, batch)

@@ -186,25 +186,44 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
 
 
 @pytest.mark.parametrize(
-  "segments, chunk, lane_reduce, save_every, fwd_block_d",
-  [(3, 4, True, 1, 32), (2, 8, False, 1, 32), (2, 2, True, 3, 32), (1, 4, True, 1, 64)],
+  "segments, chunk, lane_reduce, save_every, fwd_block_d, fwd_chunk, shuffle",
+  [
+    (3, 4, True, 1, 32, 4, True),
+    (2, 8, False, 1, 32, 8, False),
+    (2, 2, True, 3, 32, 3, True),
+    (1, 4, True, 1, 64, 4, True),
+    (1, 2, True, 2, 64, 4, False),
+  ],
 )
 def test_pallas_lanes_segments_and_channel_blocks(
-  segments, chunk, lane_reduce, save_every, fwd_block_d
+  segments, chunk, lane_reduce, save_every, fwd_block_d, fwd_chunk, shuffle
 ):  # fmt: skip
   """The sequence split over programs (length padded to segments x chunks), several channel
   blocks (dB, dC summed over blocks, by the warp butterfly or by one sum per value), states kept
-  only every few chunks (recomputed in the backward) and a forward with wider blocks than the
-  backward, in value and every gradient."""
+  only every few chunks (recomputed in the backward), a forward with wider blocks or longer
+  chunks than the backward, B and C broadcast from lanes or loaded per value, in value and every
+  gradient."""
   from dim_jax.ops import scan_pallas_lanes
 
   rng, seed = _rng()
   x = random_inputs(rng, 2, 19, 40, 3)
   scan = functools.partial(
     scan_pallas_lanes.selective_scan_pallas_lanes, block_d=32, segments=segments,
-    lane_reduce=lane_reduce, save_every=save_every, fwd_block_d=fwd_block_d,
+    lane_reduce=lane_reduce, save_every=save_every, fwd_block_d=fwd_block_d, fwd_chunk=fwd_chunk,
+    shuffle=shuffle, fast_act=shuffle,
   )  # fmt: skip
   _assert_fused_matches_numpy(scan, x, chunk, seed)
+
+
+def test_pallas_lanes_rejects_a_forward_chunk_that_misses_the_saved_states():
+  from dim_jax.ops import scan_pallas_lanes
+
+  x = random_inputs(np.random.default_rng(0), 1, 8, 32, 4)
+  with pytest.raises(ValueError, match="fwd_chunk=3 must divide chunk_size x save_every = 4"):
+    scan_pallas_lanes.selective_scan_pallas_lanes(
+      *(x[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")), True, x["z"], 2,
+      save_every=2, fwd_chunk=3,
+    )  # fmt: skip
 
 
 def test_lane_sums_give_each_lane_one_warp_sum():
@@ -285,3 +304,20 @@ def test_lanes_kernel_splits_the_sequence_only_when_programs_are_few():
   assert (
     default_segments(11, 4096, 1536, 32, 2) == 1 and default_segments(10, 4096, 1536, 32, 2) == 32
   )
+
+
+def test_fast_activations_match_float64_over_the_fp32_range():
+  """The lanes kernels' softplus (log1p from ex2 / lg2 with the rounding of 1 + e put back) and
+  sigmoid (ex2 / rcp), with exact jnp stand-ins for the PTX instructions, against float64 from
+  -80 to 80 (fp32 results stay normal there) and at random points."""
+  from dim_jax.ops.scan_pallas_lanes_kernels import activation_sigmoid, activation_softplus
+
+  rng, _ = _rng()
+  x = np.concatenate([np.linspace(-80, 80, 100_001), rng.normal(0.0, 4.0, 50_000)])
+  x = x.astype(np.float32)
+  x64 = x.astype(np.float64)
+  softplus = np.asarray(activation_softplus(jnp.asarray(x), True, False), np.float64)
+  sigmoid = np.asarray(activation_sigmoid(jnp.asarray(x), True, False), np.float64)
+  assert np.max(np.abs(softplus - np.logaddexp(0.0, x64)) / np.logaddexp(0.0, x64)) < 1e-5
+  want = 1.0 / (1.0 + np.exp(-x64))
+  assert np.max(np.abs(sigmoid - want) / want) < 1e-5

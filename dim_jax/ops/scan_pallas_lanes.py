@@ -39,12 +39,14 @@ class KernelConfig:
   fwd_block_d: int  # the forward kernels' block_d (no channel sums there: k = 2 pays)
   num_warps: int
   chunk: int
+  fwd_chunk: int  # the forward kernels' chunk: a divisor of chunk x save_every
   segments: int
   save_every: int  # chunks per state kept for the backward (> 1: recomputed there, less memory)
   prefetch: bool  # forward loads chunk c + 1 while computing chunk c
   fast_exp: bool  # exponentials as ex2.approx.ftz (GPU only)
   lane_reduce: bool  # backward dB, dC through one warp butterfly per step (one channel per lane)
   shuffle: bool  # B, C gathered one value per lane per chunk, broadcast by warp shuffles
+  fast_act: bool  # softplus, sigmoid from ex2 / lg2 / rcp
   softplus: bool
   interpret: bool
 
@@ -53,8 +55,12 @@ class KernelConfig:
     return self.fast_exp and not self.interpret
 
   def forward(self):
-    """The launch parameters of the forward kernels."""
-    return dataclasses.replace(self, block_d=self.fwd_block_d)
+    """The launch parameters of the forward kernels: they save a state every chunk x save_every
+    steps as well, in chunks of their own."""
+    every = self.chunk * self.save_every // self.fwd_chunk
+    return dataclasses.replace(
+      self, block_d=self.fwd_block_d, chunk=self.fwd_chunk, save_every=every
+    )  # fmt: skip
 
   @property
   def kernel_lane_reduce(self):
@@ -71,6 +77,7 @@ DEFAULTS = dict(
   fast_exp=True,
   lane_reduce=True,
   shuffle=True,
+  fast_act=True,
 )
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
 # L=9216, D=3072, batch 1, chunk 2 (benchmarks/RESULTS.md): fwd / fwd+bwd 1.60 / 3.62 ms with 8
@@ -162,6 +169,7 @@ def _call(cfg, kernel, name, ins, in_specs, out_shape, out_specs, grid, **static
       fast_exp=cfg.kernel_fast_exp,
       shuffle=cfg.shuffle,
       native=not cfg.interpret,
+      fast_act=cfg.fast_act,
       **static,
     ),  # fmt: skip
     out_shape=out_shape,
@@ -305,9 +313,9 @@ _fused_scan.defvjp(_fused_scan_fwd, _backward)
 
 def selective_scan_pallas_lanes(
   u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
-  fwd_block_d=None,
+  fwd_block_d=None, fwd_chunk=None,
   num_warps=None, segments=None, save_every=None, prefetch=None, fast_exp=None, lane_reduce=None,
-  shuffle=None, interpret=None,
+  shuffle=None, fast_act=None, interpret=None,
 ):  # fmt: skip
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
@@ -324,17 +332,26 @@ def selective_scan_pallas_lanes(
   chunk = chunk_size or DEFAULTS["chunk"]
   segments = segments or default_segments(batch, length, channels, block_d, chunk)
   chunk = min(chunk, -(-length // segments))
+  save_every = save_every or DEFAULTS["save_every"]
+  fwd_chunk = min(fwd_chunk or chunk, chunk * save_every)
+  if chunk * save_every % fwd_chunk:
+    raise ValueError(
+      f"fwd_chunk={fwd_chunk} must divide chunk_size x save_every = {chunk * save_every}: both "
+      "passes restart from the states saved that often."
+    )
   cfg = KernelConfig(
     block_d=block_d,
     fwd_block_d=fwd_block_d or default_fwd_block_d(batch, channels, block_d, warps, segments),
     num_warps=warps,
     chunk=chunk,
+    fwd_chunk=fwd_chunk,
     segments=segments,
-    save_every=save_every or DEFAULTS["save_every"],
+    save_every=save_every,
     prefetch=DEFAULTS["prefetch"] if prefetch is None else prefetch,
     fast_exp=DEFAULTS["fast_exp"] if fast_exp is None else fast_exp,
     lane_reduce=DEFAULTS["lane_reduce"] if lane_reduce is None else lane_reduce,
     shuffle=DEFAULTS["shuffle"] if shuffle is None else shuffle,
+    fast_act=DEFAULTS["fast_act"] if fast_act is None else fast_act,
     softplus=delta_softplus,
     interpret=interpret,
   )
@@ -342,7 +359,8 @@ def selective_scan_pallas_lanes(
   padded_d = -(-channels // multiple) * multiple
   seg_len = -(-length // segments)
   unit = cfg.save_every * chunk  # steps between saved states
-  whole = segments == 1 and cfg.save_every == 1  # the kernels handle a last partial chunk
+  # The kernels handle a last partial chunk when no pass groups chunks.
+  whole = segments == 1 and cfg.save_every == 1 and fwd_chunk == chunk
   padded_l = length if whole else segments * (-(-seg_len // unit) * unit)
   if delta_bias is None:
     delta_bias = jnp.zeros((channels,), F32)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
-from dim_jax.ops.scan_pallas_kernels import LN_2, chunk_loop, sigmoid, stable_softplus
+from dim_jax.ops.scan_pallas_kernels import LN_2, LOG2_E, chunk_loop, sigmoid, stable_softplus
 
 F32 = jnp.float32
 LANES = 32  # threads of a warp
@@ -54,6 +54,33 @@ def fast_exp2(x, ptx):
   denormal fix-up of three more instructions per exponential, in loops bound by exponentials. A
   decay below 2^-126 flushed to zero changes no state."""
   return _inline_ptx("ex2.approx.ftz.f32 $0, $1;", x) if ptx else jnp.exp2(x)
+
+
+def _approx(op, x, ptx, exact):
+  """op.approx.ftz (ex2, lg2, rcp) on the GPU with `ptx`, else the exact jnp function."""
+  return _inline_ptx(f"{op}.approx.ftz.f32 $0, $1;", x) if ptx else exact(x)
+
+
+def activation_sigmoid(x, fast, ptx):
+  """1 / (1 + e^-x); `fast`: one ex2 and one rcp (libdevice: an exp with range reduction and a
+  full division, ~20 instructions)."""
+  if not fast:
+    return sigmoid(x)
+  e = _approx("ex2", x * -LOG2_E, ptx, jnp.exp2)
+  return _approx("rcp", 1.0 + e, ptx, lambda v: 1.0 / v)
+
+
+def activation_softplus(x, fast, ptx):
+  """log(1 + e^x) = max(x, 0) + log1p(e), e = e^-|x|. `fast`: log1p from one ex2 and one lg2
+  (libdevice's log1p is a ~15-term polynomial). u = 1 + e rounds: log1p(e) = log(u) - ((u - 1) -
+  e) puts the rounding back; below e = 2^-10, e (1 - e/2) is exact to 2^-32."""
+  if not fast:
+    return stable_softplus(x)
+  e = _approx("ex2", -jnp.abs(x) * LOG2_E, ptx, jnp.exp2)
+  u = 1.0 + e
+  log1p = _approx("lg2", u, ptx, jnp.log2) * LN_2 - ((u - 1.0) - e)
+  log1p = jnp.where(e < 2.0**-10, e * (1.0 - 0.5 * e), log1p)
+  return jnp.maximum(x, 0.0) + log1p
 
 
 def _shuffle_xor(x, offset, native):
@@ -98,7 +125,7 @@ def lane_ids(shape, native):
 
 def lane_broadcast(x, lane, native):
   """Every element <- the value lane `lane` holds, for an x that holds one value per lane (as
-  `Loader.load` gathers them): one `shfl.sync.idx`, whatever the channels per lane."""
+  `Loader.values` gathers them): one `shfl.sync.idx`, whatever the channels per lane."""
   if native:
     return _inline_ptx(f"shfl.sync.idx.b32 $0, $1, {lane}, 0x1f, 0xffffffff;", x)
   return jnp.broadcast_to(x[lane], x.shape)
@@ -130,29 +157,30 @@ class Loader:
     self.row_refs, self.scalar_refs, self.state = row_refs, scalar_refs, state
     self.shuffle, self.native = shuffle, native
 
-  def load(self, start, count):
-    """(rows per step, per scalar ref: the gathered vectors, or N scalars per step)."""
+  def rows(self, start, count):
+    """Per step the rows of `row_refs`, as stored (converted in `steps`)."""
+    return tuple(tuple(r[start + i] for r in self.row_refs) for i in range(count))
+
+  def values(self, start, count):
+    """Per scalar ref: the gathered vectors, or N scalars per step."""
     n = self.state
-    rows = tuple(tuple(r[start + i].astype(F32) for r in self.row_refs) for i in range(count))
     if not self.shuffle:
-      vals = tuple(
+      return tuple(
         tuple(tuple(r[(start + i) * n + k] for k in range(n)) for i in range(count))
         for r in self.scalar_refs
       )  # fmt: skip
-      return rows, vals
-    shape = rows[0][0].shape
+    shape = (self.row_refs[0].shape[-1],)
     lane = lane_ids(shape, self.native)
     last = self.scalar_refs[0].shape[0] - 1
     groups = -(-count * n // LANES)
-    vals = tuple(
+    return tuple(
       tuple(r[jnp.minimum(start * n + g * LANES + lane, last)] for g in range(groups))
       for r in self.scalar_refs
     )  # fmt: skip
-    return rows, vals
 
-  def steps(self, loaded):
-    """Per step: the rows, then per scalar ref a list of N values."""
-    rows, vals = loaded
+  def steps(self, rows, vals):
+    """Per step: the rows in float32, then per scalar ref a list of N values."""
+    rows = [tuple(r.astype(F32) for r in row) for row in rows]
     if not self.shuffle:
       return [row + tuple(list(v[i]) for v in vals) for i, row in enumerate(rows)]
     n = self.state
@@ -166,15 +194,20 @@ class Loader:
     ]
 
   def walk(self, length, chunk, reverse, prefetch, body, carry, offset=0):
-    """`chunk_loop` from step `offset`, its body given the chunk's steps (`steps`)."""
-    return chunk_loop(
-      length, chunk, reverse, prefetch, lambda s, c: self.load(offset + s, c),
-      lambda i, s, c, loaded, carry: body(i, s, c, self.steps(loaded), carry), carry,
-    )  # fmt: skip
+    """`chunk_loop` from step `offset`, its body given the chunk's steps (`steps`). `prefetch`
+    loads the next chunk's rows a chunk ahead (u, δ, z: read once, from HBM); B and C are
+    loaded in the chunk that uses them (read by every channel block: from L2)."""
+
+    def run(index, start, count, rows, carry):
+      steps = self.steps(rows, self.values(offset + start, count))
+      return body(index, start, count, steps, carry)
+
+    load_rows = lambda s, c: self.rows(offset + s, c)  # noqa: E731
+    return chunk_loop(length, chunk, reverse, prefetch, load_rows, run, carry)
 
 
-def _deltas(pres, softplus):
-  return [stable_softplus(p) if softplus else p for p in pres]
+def _deltas(pres, softplus, fast_act, ptx):
+  return [activation_softplus(p, fast_act, ptx) if softplus else p for p in pres]
 
 
 def _decays(dts, a2, fast_exp):
@@ -187,9 +220,9 @@ def _store_state(ref, row, h):
     ref[row, n] = h_n
 
 
-def _advance(steps, h, a2, bias, softplus, fast_exp, native):
+def _advance(steps, h, a2, bias, softplus, fast_exp, native, fast_act):
   """The state after the steps (rows u, δ and N values of B each) from h; also their Δs."""
-  dts = _deltas([s[1] + bias for s in steps], softplus)
+  dts = _deltas([s[1] + bias for s in steps], softplus, fast_act, fast_exp)
   decays = _decays(dts, a2, fast_exp)
   h = list(h)
   for i, step in enumerate(steps):
@@ -216,7 +249,7 @@ def saved_state_groups(seg_len, chunk, save_every, reverse, loader, body, carry,
 
 
 def forward_kernel(
-  *refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp, save_every, shuffle, native
+  *refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp, save_every, shuffle, native, fast_act
 ):  # fmt: skip
   """Refs: u, δ, [z] (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
   state entering the segment. Outputs: y (L_s, bd); the state entering each chunk (L_s/chunk, N,
@@ -236,7 +269,7 @@ def forward_kernel(
       _store_state(s_ref, index, h)
     us = [s[0] for s in steps]
     bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N scalars
-    dts = _deltas([s[1] + bias for s in steps], softplus)
+    dts = _deltas([s[1] + bias for s in steps], softplus, fast_act, fast_exp)
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
     decays = _decays(dts, a2, fast_exp)
     h, ys = list(h), []
@@ -250,7 +283,7 @@ def forward_kernel(
       y = ys[i]
       if has_z:
         z = steps[i][2]
-        y = y * z * sigmoid(z)
+        y = y * z * activation_sigmoid(z, fast_act, fast_exp)
       y_ref[start + i] = y.astype(y_ref.dtype)
     return h
 
@@ -269,7 +302,7 @@ def forward_kernel(
 
 
 def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *, seg_len, chunk,
-                       softplus, fast_exp, shuffle, native):  # fmt: skip
+                       softplus, fast_exp, shuffle, native, fast_act):  # fmt: skip
   """A segment walked from a zero state. Refs: u, δ (L_s, bd); B (L_s, N); Aᵀ·log2 e (N, bd);
   bias (bd,). Outputs: the segment's end state (N, bd) and ΣΔ over the segment (bd,), from which
   the caller forms the segment's total decay exp(A ΣΔ)."""
@@ -279,7 +312,7 @@ def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *,
 
   def body(index, start, count, steps, carry):
     del index, start, count
-    h, dts = _advance(steps, carry[0], a2, bias, softplus, fast_exp, native)
+    h, dts = _advance(steps, carry[0], a2, bias, softplus, fast_exp, native, fast_act)
     return h, carry[1] + sum(dts)
 
   zeros = jnp.zeros(bias.shape, F32)
@@ -303,12 +336,14 @@ def _store_channel_sums(ref, t, terms, lane_reduce, native):
     ref[t, g] = lane_sums(group + [zeros] * (LANES - len(group)), native)
 
 
-def _gated_cotangent(g, z):
+def _gated_cotangent(g, z, fast_act, ptx):
   """d loss / d y before the gate: g ⊙ SiLU(z)."""
-  return g * z * sigmoid(z)
+  return g * z * activation_sigmoid(z, fast_act, ptx)
 
 
-def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, shuffle, native):
+def segment_adjoint_kernel(
+  *refs, seg_len, chunk, softplus, has_z, fast_exp, shuffle, native, fast_act
+):  # fmt: skip
   """A segment's adjoint walked in reverse from zero at its end. Refs: δ, g, [z] (L_s, bd);
   C (L_s, N); Aᵀ·log2 e (N, bd); bias (bd,). Output: d loss / d(state before the segment)
   from this segment's outputs alone (N, bd)."""
@@ -322,9 +357,9 @@ def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, shu
 
   def body(index, start, count, steps, dh):
     del index, start
-    dts = _deltas([s[0] + bias for s in steps], softplus)
+    dts = _deltas([s[0] + bias for s in steps], softplus, fast_act, fast_exp)
     decays = _decays(dts, a2, fast_exp)
-    gys = [_gated_cotangent(s[1], s[2]) if has_z else s[1] for s in steps]
+    gys = [_gated_cotangent(s[1], s[2], fast_act, fast_exp) if has_z else s[1] for s in steps]
     dh = list(dh)
     for i in reversed(range(count)):
       for n in range(state):
@@ -339,7 +374,8 @@ def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z, fast_exp, shu
 
 
 def backward_kernel(
-  *refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduce, native, save_every, shuffle
+  *refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduce, native, save_every, shuffle,
+  fast_act,
 ):  # fmt: skip
   """Refs: u, δ, [z], g (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); the states
   entering each chunk (L_s/chunk, N, bd); the adjoint entering the segment's end (N, bd).
@@ -375,7 +411,7 @@ def backward_kernel(
     us, gs = [s[0] for s in steps], [s[2] for s in steps]
     bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]
     pres = [s[1] + bias for s in steps]
-    dts = _deltas(pres, softplus)
+    dts = _deltas(pres, softplus, fast_act, fast_exp)
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
     decays = _decays(dts, a2, fast_exp)
     # Recompute the chunk's states from its saved start state: states[i + 1] is h after step i.
@@ -387,7 +423,7 @@ def backward_kernel(
     gys = []
     for i in range(count):
       if has_z:
-        z, sig = steps[i][3], sigmoid(steps[i][3])
+        z, sig = steps[i][3], activation_sigmoid(steps[i][3], fast_act, fast_exp)
         y = d_skip * us[i]
         for n in range(state):
           y = fma(cs[i][n], states[i + 1][n], y, native)  # output before the gate
@@ -412,7 +448,7 @@ def backward_kernel(
       _store_channel_sums(dbc_ref, t, db_terms + dc_terms, lane_reduce, native)
       d_dt = d_log2 * LN_2 + us[i] * dh_b
       du_ref[t] = (dts[i] * dh_b + d_skip * gys[i]).astype(du_ref.dtype)
-      d_pre = d_dt * sigmoid(pres[i]) if softplus else d_dt
+      d_pre = d_dt * activation_sigmoid(pres[i], fast_act, fast_exp) if softplus else d_dt
       ddt_ref[t] = d_pre.astype(ddt_ref.dtype)
       d_d = d_d + gys[i] * us[i]
       d_bias = d_bias + d_pre
@@ -430,7 +466,7 @@ def backward_kernel(
       def advance(index, step, count, steps, h):
         del step, count
         _store_state(starts_ref, index, h)
-        return _advance(steps, h, a2, bias, softplus, fast_exp, native)[0]
+        return _advance(steps, h, a2, bias, softplus, fast_exp, native, fast_act)[0]
 
       h = [s_ref[g, n] for n in range(state)]
       state_loader.walk(save_every * chunk, chunk, False, False, advance, h, offset=start)
