@@ -69,12 +69,9 @@ CHECK_IMPLS = (("pallas", {}),)  # (impl, kwargs) checked against the reference 
 # keeps one state per m chunks (m times less memory, one more pass of exps in the backward).
 # chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
 LANES_SWEEPS = {
-  (9216, 1): [dict(segments=32), dict(segments=32, fast_act=False),
-              dict(segments=32, save_every=2, fwd_chunk=4),
-              dict(segments=32, save_every=4, fwd_chunk=4), dict(segments=32, prefetch=True)],
-  (366, 64): [dict(), dict(fast_act=False), dict(save_every=2, fwd_chunk=4),
-              dict(chunk=4), dict(save_every=2, fwd_chunk=4, prefetch=True)],
-}  # fmt: skip
+  (9216, 1): [dict(), dict(chunk=4)],
+  (366, 64): [dict(), dict(fast_act=False)],
+}
 SMOKE_LANES_SWEEPS = {
   (37, 2): [dict(fast_exp=False, lane_reduce=False, shuffle=False, fast_act=False),
             dict(segments=2, save_every=3, fwd_chunk=3)]
@@ -342,11 +339,11 @@ def table(out_dir, budget, bandwidth, quick, impls):
 def lanes_resolved(shape, kw):
   """chunk, save_every and segments as the library resolves the overrides `kw`."""
   length, channels, _, batch = shape
-  chunk = kw.get("chunk", scan_pallas_lanes.DEFAULTS["chunk"])
   block_d = kw.get("block_d", scan_pallas_lanes.DEFAULTS["block_d"])
   segments = kw.get("segments") or scan_pallas_lanes.default_segments(
-    batch, length, channels, block_d, chunk
+    batch, length, channels, block_d, kw.get("chunk", scan_pallas_lanes.SPLIT_CHUNK)
   )  # fmt: skip
+  chunk = kw.get("chunk") or scan_pallas_lanes.default_chunk(segments)
   return chunk, kw.get("save_every", scan_pallas_lanes.DEFAULTS["save_every"]), segments
 
 
@@ -360,8 +357,11 @@ def lanes_kept_gb(shape, kw):
   return batch * channels * 4 * (segments * seg_groups * state + segments) / 1e9
 
 
-def lanes_label(kw):
-  return " ".join(["pallas_lanes", *(f"{k}={v}" for k, v in kw.items())]) if kw else "pallas_lanes"
+def lanes_label(shape, kw):
+  """The resolved chunk and segments, then the overrides of the defaults."""
+  chunk, _, segments = lanes_resolved(shape, kw)
+  rest = [f"{k}={v}" for k, v in kw.items() if k not in ("chunk", "segments")]
+  return " ".join([f"pallas_lanes c{chunk} S{segments}", *rest])
 
 
 def tune_lanes(out_dir, budget):
@@ -383,7 +383,7 @@ def tune_lanes(out_dir, budget):
       keep = None if baseline else baseline
       rec = measure(name, "pallas_lanes", shape, x, out_dir, check=check, keep=keep, memory=False,
                     **kw)  # fmt: skip
-      rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(shape, kw), setting=kw)
+      rec.update(label=lanes_label(shape, kw), kept_gb=lanes_kept_gb(shape, kw), setting=kw)
       if "fb_ms" in rec:
         recs.append(rec)
     if not recs:
@@ -416,7 +416,7 @@ def lanes_table(out_dir, budget, bandwidth, tuned, best):
       continue
     kw = long_kw if batch <= 4 else wide_kw
     rec = measure(name, "pallas_lanes", shape, inputs(*shape), out_dir, memory=False, **kw)
-    rec.update(label=lanes_label(kw), kept_gb=lanes_kept_gb(shape, kw))
+    rec.update(label=lanes_label(shape, kw), kept_gb=lanes_kept_gb(shape, kw))
     rows.append((rec, floors(*shape, bandwidth), att))
   return rows
 

@@ -70,10 +70,9 @@ class KernelConfig:
 DEFAULTS = dict(
   block_d=32,
   num_warps=1,
-  chunk=2,
   segments=1,
   save_every=1,
-  prefetch=False,
+  prefetch=True,
   fast_exp=True,
   lane_reduce=True,
   shuffle=True,
@@ -97,6 +96,18 @@ def default_fwd_block_d(
   if segments == 1 and batch * -(-channels // wide) >= MIN_PROGRAMS:
     return wide
   return block_d
+
+
+# Steps per chunk: the forward waits on its loads once per chunk (ncu: L1TEX waits were over half
+# of its stalls). Measured on the H200 (benchmarks/RESULTS.md, 2026-11-29): at L=366, batch 64,
+# fwd+bwd 2.95 ms with 4 against 3.95 with 2; with a split sequence (9216 x 1, 32 segments) the
+# backward prefers 2.
+CHUNK = 4
+SPLIT_CHUNK = 2
+
+
+def default_chunk(segments: int) -> int:
+  return CHUNK if segments == 1 else SPLIT_CHUNK
 
 
 def default_segments(batch: int, length: int, channels: int, block_d: int, chunk: int) -> int:
@@ -319,19 +330,21 @@ def selective_scan_pallas_lanes(
 ):  # fmt: skip
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
-  Launch parameters left None take `DEFAULTS` (segments: `default_segments`, fwd_block_d:
-  `default_fwd_block_d`). Channels are padded with zeros to a multiple of both block sizes
-  (A = 0, D = 0: the padded channels stay 0) and, with segments > 1 or save_every > 1, the length
-  to segments x (a multiple of save_every x chunk); both are sliced off.
+  Launch parameters left None take `DEFAULTS` (segments: `default_segments`, chunk_size:
+  `default_chunk`, fwd_block_d: `default_fwd_block_d`). Channels are padded with zeros to a
+  multiple of both block sizes (A = 0, D = 0: the padded channels stay 0) and, with segments > 1
+  or chunks grouped (save_every > 1, fwd_chunk != chunk_size), the length to segments x (a
+  multiple of save_every x chunk); both are sliced off.
   """
   batch, length, channels = u.shape
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   block_d = block_d or DEFAULTS["block_d"]
   warps = num_warps or DEFAULTS["num_warps"]
-  chunk = chunk_size or DEFAULTS["chunk"]
-  segments = segments or default_segments(batch, length, channels, block_d, chunk)
-  chunk = min(chunk, -(-length // segments))
+  segments = segments or default_segments(
+    batch, length, channels, block_d, chunk_size or SPLIT_CHUNK
+  )  # fmt: skip
+  chunk = min(chunk_size or default_chunk(segments), -(-length // segments))
   save_every = save_every or DEFAULTS["save_every"]
   fwd_chunk = min(fwd_chunk or chunk, chunk * save_every)
   if chunk * save_every % fwd_chunk:
