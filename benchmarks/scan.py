@@ -341,9 +341,9 @@ def lanes_resolved(shape, kw):
   length, channels, _, batch = shape
   block_d = kw.get("block_d", scan_pallas_lanes.DEFAULTS["block_d"])
   segments = kw.get("segments") or scan_pallas_lanes.default_segments(
-    batch, length, channels, block_d, kw.get("chunk", scan_pallas_lanes.SPLIT_CHUNK)
+    batch, length, channels, block_d
   )  # fmt: skip
-  chunk = kw.get("chunk") or scan_pallas_lanes.default_chunk(segments)
+  chunk = kw.get("chunk", scan_pallas_lanes.DEFAULTS["chunk"])
   return chunk, kw.get("save_every", scan_pallas_lanes.DEFAULTS["save_every"]), segments
 
 

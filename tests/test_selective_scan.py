@@ -293,17 +293,15 @@ def test_lanes_kernel_splits_the_sequence_only_when_programs_are_few():
   from dim_jax.ops.scan_pallas_lanes import default_segments
 
   # DiM-H at 256² (batch 64): 64 x 3072/32 = 6144 programs fill 132 SMs; no split.
-  assert default_segments(64, 366, 3072, 32, 2) == 1
-  # 1536², batch 1: 96 programs; 9216 steps give 32 segments of 288 steps (144 chunks of 2).
-  assert default_segments(1, 9216, 3072, 32, 2) == 32
-  # 32 segments of fewer than 64 chunks: no split.
-  assert default_segments(1, 4095, 3072, 32, 2) == 1
+  assert default_segments(64, 366, 3072, 32) == 1
+  # 1536², batch 1: 96 programs; 9216 steps give 32 segments of 288 steps.
+  assert default_segments(1, 9216, 3072, 32) == 32
+  # 32 segments of fewer than 128 steps: no split.
+  assert default_segments(1, 4095, 3072, 32) == 1
   # Few programs but a short sequence: a second pass of exps would not pay.
-  assert default_segments(1, 500, 3072, 32, 2) == 1
+  assert default_segments(1, 500, 3072, 32) == 1
   # Exactly at the threshold of 4 programs per SM: no split.
-  assert (
-    default_segments(11, 4096, 1536, 32, 2) == 1 and default_segments(10, 4096, 1536, 32, 2) == 32
-  )
+  assert default_segments(11, 4096, 1536, 32) == 1 and default_segments(10, 4096, 1536, 32) == 32
 
 
 def test_fast_activations_match_float64_over_the_fp32_range():

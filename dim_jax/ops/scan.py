@@ -119,9 +119,9 @@ def _auto_impl() -> str:
 
   CPU: the sequential scan wins on compile and run time alike (B=8, L=366, D=128, N=16: 10 / 88 ms
   fwd / fwd+bwd against 32 / 115 ms for the best chunked and 65 / 173 ms associative).
-  GPU: the lanes kernel (H200, same run: 2.9x v1's fwd+bwd at L=366, D=3072, batch 64 and 2.1x at
-  L=9216, batch 1; v1 was already faster than chunked, with ~50x less memory than associative;
-  figures in benchmarks/RESULTS.md).
+  GPU: the lanes kernel (H200, 2026-11-29: fwd / fwd+bwd 0.68 / 2.68 ms at L=366, D=3072, batch 64
+  and 0.48 / 1.75 ms at L=9216, batch 1, against 4.1 / 15.1 and 3.0 / 8.9 for v1, which was
+  already faster than chunked, with ~50x less memory than associative; benchmarks/RESULTS.md).
   TPU: chunked; the kernel runs there only in interpret mode so far (not measured on a TPU).
   """
   backend = jax.default_backend()
@@ -156,7 +156,8 @@ def selective_scan(
     delta_softplus: apply softplus to δ + bias.
     z: gate, (batch, length, channels); the output is multiplied by SiLU(z).
     impl: one of `IMPLS`.
-    chunk_size: time steps per chunk for "chunked" (default 256) and the kernels (default 8).
+    chunk_size: time steps per chunk for "chunked" (default 256) and the kernels (their own
+      defaults: `scan_pallas_lanes.DEFAULTS`, `scan_pallas.DEFAULT_CHUNK`).
 
   Returns:
     (batch, length, channels) in u's dtype.

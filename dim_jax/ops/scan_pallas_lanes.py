@@ -70,6 +70,10 @@ class KernelConfig:
 DEFAULTS = dict(
   block_d=32,
   num_warps=1,
+  # The forward waits on its loads once per chunk (ncu: over half of its stalls were L1TEX
+  # waits). H200, 2026-11-29: fwd+bwd 2.68 ms with 4 steps against 3.95 with 2 at L=366, batch
+  # 64; 1.75 against 1.76 at 9216 x 1 (32 segments), whose forward gains most (0.48 vs 0.60).
+  chunk=4,
   segments=1,
   save_every=1,
   prefetch=True,
@@ -81,9 +85,11 @@ DEFAULTS = dict(
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
 # L=9216, D=3072, batch 1, chunk 2 (benchmarks/RESULTS.md): fwd / fwd+bwd 1.60 / 3.62 ms with 8
 # segments, 0.97 / 2.68 ms with 16, 0.85 / 2.21 ms with 32; at L=366, batch 64 (6144 programs):
-# 1 segment.
+# 1 segment. 4494 x 4 (384 programs), 2026-11-29: 1.46 / 4.26 ms split (chunk 2), 1.81 / 4.90
+# unsplit (chunk 4).
 MIN_PROGRAMS = 4 * 132
 SPLIT_SEGMENTS = 32
+MIN_SEGMENT_STEPS = 128  # shorter segments: the second pass of exps would not pay
 
 
 def default_fwd_block_d(
@@ -98,23 +104,12 @@ def default_fwd_block_d(
   return block_d
 
 
-# Steps per chunk: the forward waits on its loads once per chunk (ncu: L1TEX waits were over half
-# of its stalls). Measured on the H200 (benchmarks/RESULTS.md, 2026-11-29): at L=366, batch 64,
-# fwd+bwd 2.95 ms with 4 against 3.95 with 2; with a split sequence (9216 x 1, 32 segments) the
-# backward prefers 2.
-CHUNK = 4
-SPLIT_CHUNK = 2
-
-
-def default_chunk(segments: int) -> int:
-  return CHUNK if segments == 1 else SPLIT_CHUNK
-
-
-def default_segments(batch: int, length: int, channels: int, block_d: int, chunk: int) -> int:
+def default_segments(batch: int, length: int, channels: int, block_d: int) -> int:
   """Sequence segments: 1 when batch x channel blocks fill the GPU, else 32 if each segment keeps
-  at least 64 chunks (the split costs a second pass of exps, worth it only for long sequences)."""
+  at least MIN_SEGMENT_STEPS steps (the split costs a second pass of exps, worth it only for long
+  sequences)."""
   programs = batch * -(-channels // block_d)
-  if programs >= MIN_PROGRAMS or length < SPLIT_SEGMENTS * 64 * chunk:
+  if programs >= MIN_PROGRAMS or length < SPLIT_SEGMENTS * MIN_SEGMENT_STEPS:
     return 1
   return SPLIT_SEGMENTS
 
@@ -330,8 +325,8 @@ def selective_scan_pallas_lanes(
 ):  # fmt: skip
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
-  Launch parameters left None take `DEFAULTS` (segments: `default_segments`, chunk_size:
-  `default_chunk`, fwd_block_d: `default_fwd_block_d`). Channels are padded with zeros to a
+  Launch parameters left None take `DEFAULTS` (segments: `default_segments`, fwd_block_d:
+  `default_fwd_block_d`). Channels are padded with zeros to a
   multiple of both block sizes (A = 0, D = 0: the padded channels stay 0) and, with segments > 1
   or chunks grouped (save_every > 1, fwd_chunk != chunk_size), the length to segments x (a
   multiple of save_every x chunk); both are sliced off.
@@ -341,10 +336,8 @@ def selective_scan_pallas_lanes(
     interpret = jax.default_backend() == "cpu"
   block_d = block_d or DEFAULTS["block_d"]
   warps = num_warps or DEFAULTS["num_warps"]
-  segments = segments or default_segments(
-    batch, length, channels, block_d, chunk_size or SPLIT_CHUNK
-  )  # fmt: skip
-  chunk = min(chunk_size or default_chunk(segments), -(-length // segments))
+  segments = segments or default_segments(batch, length, channels, block_d)
+  chunk = min(chunk_size or DEFAULTS["chunk"], -(-length // segments))
   save_every = save_every or DEFAULTS["save_every"]
   fwd_chunk = min(fwd_chunk or chunk, chunk * save_every)
   if chunk * save_every % fwd_chunk:
