@@ -64,7 +64,7 @@ CHECK_IMPLS = (("pallas", {}),)  # (impl, kwargs) checked against the reference 
 # `scan_pallas_lanes.DEFAULTS` plus the computed segments and fwd_block_d) timed forward and
 # forward+backward per (L, batch); the first of each list is the baseline the others are checked
 # against. History in .notes/scan.md: session 3 added fast exps, the warp butterfly and 32
-# segments; session 4 B/C broadcast by shuffles (shuffle), fma, fast softplus/sigmoid (fast_act)
+# segments; session 4 B/C broadcast by shuffles, fma, fast softplus/sigmoid (fast_act)
 # and a forward chunk of its own (fwd_chunk, a divisor of chunk x save_every). save_every m > 1
 # keeps one state per m chunks (m times less memory, one more pass of exps in the backward).
 # chunk <= 4: chunk 8 took minutes of Triton compile on the H200.
@@ -73,13 +73,13 @@ LANES_SWEEPS = {
   (366, 64): [dict(), dict(fast_act=False)],
 }
 SMOKE_LANES_SWEEPS = {
-  (37, 2): [dict(fast_exp=False, lane_reduce=False, shuffle=False, fast_act=False),
+  (37, 2): [dict(fast_exp=False, lane_reduce=False, fast_act=False),
             dict(segments=2, save_every=3, fwd_chunk=3)]
 }  # fmt: skip
 LANES_CHECKS = (  # fp32 with the sequence split (all four kernels), bf16 single pass, all paths
   (jnp.float32, dict(block_d=64, num_warps=2, chunk=4, segments=4)),
   (jnp.float32, dict(block_d=64, num_warps=1, chunk=2, segments=2, fast_exp=False,
-                     fast_act=False, shuffle=False)),
+                     fast_act=False)),
   (jnp.float32, dict(block_d=32, num_warps=1, chunk=2, segments=4, save_every=2, fwd_chunk=4)),
   (jnp.bfloat16, dict(block_d=32, num_warps=1, chunk=2, segments=1)),
 )  # fmt: skip

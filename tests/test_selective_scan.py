@@ -186,7 +186,7 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
 
 
 @pytest.mark.parametrize(
-  "segments, chunk, lane_reduce, save_every, fwd_block_d, fwd_chunk, shuffle",
+  "segments, chunk, lane_reduce, save_every, fwd_block_d, fwd_chunk, fast_act",
   [
     (3, 4, True, 1, 32, 4, True),
     (2, 8, False, 1, 32, 8, False),
@@ -196,12 +196,12 @@ def test_pallas_multiple_channel_blocks_and_full_chunks():
   ],
 )
 def test_pallas_lanes_segments_and_channel_blocks(
-  segments, chunk, lane_reduce, save_every, fwd_block_d, fwd_chunk, shuffle
+  segments, chunk, lane_reduce, save_every, fwd_block_d, fwd_chunk, fast_act
 ):  # fmt: skip
   """The sequence split over programs (length padded to segments x chunks), several channel
   blocks (dB, dC summed over blocks, by the warp butterfly or by one sum per value), states kept
   only every few chunks (recomputed in the backward), a forward with wider blocks or longer
-  chunks than the backward, B and C broadcast from lanes or loaded per value, in value and every
+  chunks than the backward, with the fast or the exact softplus and sigmoid, in value and every
   gradient."""
   from dim_jax.ops import scan_pallas_lanes
 
@@ -210,7 +210,7 @@ def test_pallas_lanes_segments_and_channel_blocks(
   scan = functools.partial(
     scan_pallas_lanes.selective_scan_pallas_lanes, block_d=32, segments=segments,
     lane_reduce=lane_reduce, save_every=save_every, fwd_block_d=fwd_block_d, fwd_chunk=fwd_chunk,
-    shuffle=shuffle, fast_act=shuffle,
+    fast_act=fast_act,
   )  # fmt: skip
   _assert_fused_matches_numpy(scan, x, chunk, seed)
 

@@ -45,7 +45,6 @@ class KernelConfig:
   prefetch: bool  # forward loads chunk c + 1 while computing chunk c
   fast_exp: bool  # exponentials as ex2.approx.ftz (GPU only)
   lane_reduce: bool  # backward dB, dC through one warp butterfly per step (one channel per lane)
-  shuffle: bool  # B, C gathered one value per lane per chunk, broadcast by warp shuffles
   fast_act: bool  # softplus, sigmoid from ex2 / lg2 / rcp
   softplus: bool
   interpret: bool
@@ -79,7 +78,6 @@ DEFAULTS = dict(
   prefetch=True,
   fast_exp=True,
   lane_reduce=True,
-  shuffle=True,
   fast_act=True,
 )
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
@@ -173,7 +171,6 @@ def _call(cfg, kernel, name, ins, in_specs, out_shape, out_specs, grid, **static
       chunk=cfg.chunk,
       softplus=cfg.softplus,
       fast_exp=cfg.kernel_fast_exp,
-      shuffle=cfg.shuffle,
       native=not cfg.interpret,
       fast_act=cfg.fast_act,
       **static,
@@ -321,7 +318,7 @@ def selective_scan_pallas_lanes(
   u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
   fwd_block_d=None, fwd_chunk=None,
   num_warps=None, segments=None, save_every=None, prefetch=None, fast_exp=None, lane_reduce=None,
-  shuffle=None, fast_act=None, interpret=None,
+  fast_act=None, interpret=None,
 ):  # fmt: skip
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
@@ -356,7 +353,6 @@ def selective_scan_pallas_lanes(
     prefetch=DEFAULTS["prefetch"] if prefetch is None else prefetch,
     fast_exp=DEFAULTS["fast_exp"] if fast_exp is None else fast_exp,
     lane_reduce=DEFAULTS["lane_reduce"] if lane_reduce is None else lane_reduce,
-    shuffle=DEFAULTS["shuffle"] if shuffle is None else shuffle,
     fast_act=DEFAULTS["fast_act"] if fast_act is None else fast_act,
     softplus=delta_softplus,
     interpret=interpret,
