@@ -245,7 +245,7 @@ def saved_state_groups(seg_len, chunk, save_every, reverse, loader, body, carry,
 def forward_kernel(
   *refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp, save_every, native, fast_act
 ):  # fmt: skip
-  """Refs: u, δ, [z] (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
+  """Refs: u, δ, [z] (L_s, bd); B, C (L_s·N,); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
   state entering the segment. Outputs: y (L_s, bd); the state entering each chunk (L_s/chunk, N,
   bd), which the backward restarts from, or with `save_every` = m > 1 only the state entering
   every m-th chunk (L_s/(m·chunk), N, bd)."""
@@ -262,7 +262,7 @@ def forward_kernel(
     if save_every == 1:
       _store_state(s_ref, index, h)
     us = [s[0] for s in steps]
-    bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N scalars
+    bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N values
     dts = _deltas([s[1] + bias for s in steps], softplus, fast_act, fast_exp)
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
     decays = _decays(dts, a2, fast_exp)
@@ -297,7 +297,7 @@ def forward_kernel(
 
 def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *, seg_len, chunk,
                        softplus, fast_exp, native, fast_act):  # fmt: skip
-  """A segment walked from a zero state. Refs: u, δ (L_s, bd); B (L_s, N); Aᵀ·log2 e (N, bd);
+  """A segment walked from a zero state. Refs: u, δ (L_s, bd); B (L_s·N,); Aᵀ·log2 e (N, bd);
   bias (bd,). Outputs: the segment's end state (N, bd) and ΣΔ over the segment (bd,), from which
   the caller forms the segment's total decay exp(A ΣΔ)."""
   state = a_ref.shape[0]
@@ -339,7 +339,7 @@ def segment_adjoint_kernel(
   *refs, seg_len, chunk, softplus, has_z, fast_exp, native, fast_act
 ):  # fmt: skip
   """A segment's adjoint walked in reverse from zero at its end. Refs: δ, g, [z] (L_s, bd);
-  C (L_s, N); Aᵀ·log2 e (N, bd); bias (bd,). Output: d loss / d(state before the segment)
+  C (L_s·N,); Aᵀ·log2 e (N, bd); bias (bd,). Output: d loss / d(state before the segment)
   from this segment's outputs alone (N, bd)."""
   dt_ref, g_ref, *refs = refs
   z_ref = refs.pop(0) if has_z else None
@@ -370,7 +370,7 @@ def segment_adjoint_kernel(
 def backward_kernel(
   *refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduce, native, save_every, fast_act
 ):  # fmt: skip
-  """Refs: u, δ, [z], g (L_s, bd); B, C (L_s, N); Aᵀ·log2 e (N, bd); D, bias (bd,); the states
+  """Refs: u, δ, [z], g (L_s, bd); B, C (L_s·N,); Aᵀ·log2 e (N, bd); D, bias (bd,); the states
   entering each chunk (L_s/chunk, N, bd); the adjoint entering the segment's end (N, bd).
   Outputs: du, dδ, [dz] (L_s, bd); this block's partial sums of [dB | dC] per step; this program's
   partial dAᵀ (N, bd), dD, dbias (bd,).
