@@ -205,7 +205,9 @@ def _segment_starts(cfg, u, delta, a2, B, bias):
   return jnp.stack(starts, axis=1), dt_sum
 
 
-def _forward(cfg, u, delta, a2, B, C, D, bias, z):
+def _forward(cfg, u, delta, a2, B, C, D, bias, z, keep_states=True):
+  """y and, with `keep_states`, the states the backward restarts from (else only each segment's
+  end state: a forward with no backward writes no per-chunk states)."""
   batch, length, channels = u.shape
   seg_len, state = length // cfg.segments, a2.shape[0]
   grid = (batch, cfg.segments, channels // cfg.block_d)
@@ -219,13 +221,14 @@ def _forward(cfg, u, delta, a2, B, C, D, bias, z):
   ins = (u, delta, *((z,) if has_z else ()), B, C, a2, D, bias, h0)
   in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
   in_specs += [s["state_rows"], s["state_rows"], s["param"], s["vec"], s["vec"], s["seg_state"]]
-  num_chunks = cfg.segments * _saved_states(seg_len, cfg)
+  saved = cfg.segments * _saved_states(seg_len, cfg) if keep_states else cfg.segments
   y, states = _call(
     cfg, kernels.forward_kernel, "selective_scan_lanes_fwd", ins, in_specs,
     (jax.ShapeDtypeStruct(u.shape, u.dtype),
-     jax.ShapeDtypeStruct((batch, num_chunks, state, channels), F32)),
-    (s["rows"], s["chunk_states"]), grid,
+     jax.ShapeDtypeStruct((batch, saved, state, channels), F32)),
+    (s["rows"], s["chunk_states" if keep_states else "seg_state"]), grid,
     seg_len=seg_len, has_z=has_z, prefetch=cfg.prefetch, save_every=cfg.save_every,
+    keep_states=keep_states,
   )  # fmt: skip
   return y, states, dt_sum
 
@@ -303,7 +306,7 @@ def _backward(cfg, res, g):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_scan(cfg, u, delta, a2, B, C, D, bias, z):
-  return _forward(cfg.forward(), u, delta, a2, B, C, D, bias, z)[0]
+  return _forward(cfg.forward(), u, delta, a2, B, C, D, bias, z, keep_states=False)[0]
 
 
 def _fused_scan_fwd(cfg, u, delta, a2, B, C, D, bias, z):

@@ -243,12 +243,14 @@ def saved_state_groups(seg_len, chunk, save_every, reverse, loader, body, carry,
 
 
 def forward_kernel(
-  *refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp, save_every, native, fast_act
+  *refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp, save_every, native, fast_act,
+  keep_states,
 ):  # fmt: skip
   """Refs: u, δ, [z] (L_s, bd); B, C (L_s·N,); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
   state entering the segment. Outputs: y (L_s, bd); the state entering each chunk (L_s/chunk, N,
   bd), which the backward restarts from, or with `save_every` = m > 1 only the state entering
-  every m-th chunk (L_s/(m·chunk), N, bd)."""
+  every m-th chunk (L_s/(m·chunk), N, bd). Without `keep_states` (no backward follows: sampling)
+  the second output is only the state after the segment (N, bd)."""
   u_ref, dt_ref, *refs = refs
   z_ref = refs.pop(0) if has_z else None
   b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref, y_ref, s_ref = refs
@@ -259,7 +261,7 @@ def forward_kernel(
   row_refs = (u_ref, dt_ref, z_ref) if has_z else (u_ref, dt_ref)
 
   def body(index, start, count, steps, h):
-    if save_every == 1:
+    if keep_states and save_every == 1:
       _store_state(s_ref, index, h)
     us = [s[0] for s in steps]
     bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N values
@@ -283,6 +285,11 @@ def forward_kernel(
 
   h0 = [h0_ref[n] for n in range(state)]
   loader = Loader(row_refs, (b_ref, c_ref), state, native)
+  if not keep_states:
+    h = loader.walk(seg_len, chunk, False, prefetch, body, h0)
+    for n in range(state):
+      s_ref[n] = h[n]
+    return
   if save_every == 1:
     loader.walk(seg_len, chunk, False, prefetch, body, h0)
     return
