@@ -8,8 +8,8 @@ shape without pads, and DiM-S/L widths at 256². Inputs u, δ, B, C, z in bf16; 
               forward+backward counts them twice (the backward recomputes the decays)
   byte floor  each input read once and each output written once, over the copy bandwidth
               measured here (fwd: u, δ, z, B, C in, y out; bwd adds g in, du, dδ, dz, dB, dC out)
-  fwd         the forward alone, as sampling runs it (the lanes kernel then keeps no states; before
-              2026-11-29 they did, and the forward rows of RESULTS.md include writing them)
+  fwd         the forward alone, as sampling runs it (the lanes kernel then keeps no states; its
+              forward rows in RESULTS.md up to 2026-11-29 still include writing them)
   kept        bytes the VJP keeps for the backward beyond the inputs themselves
   temp        XLA's temporary buffers of the compiled forward+backward
 
