@@ -83,7 +83,7 @@ DEFAULTS = dict(
 # An H200 has 132 SMs: below this many single-warp programs, split the sequence. Measured at
 # L=9216, D=3072, batch 1, chunk 2 (benchmarks/RESULTS.md): fwd / fwd+bwd 1.60 / 3.62 ms with 8
 # segments, 0.97 / 2.68 ms with 16, 0.85 / 2.21 ms with 32; at L=366, batch 64 (6144 programs):
-# 1 segment. 4494 x 4 (384 programs), 2026-11-29: 1.46 / 4.26 ms split (chunk 2), 1.81 / 4.90
+# 1 segment. 4494 x 4 (384 programs), 2026-11-29: 1.45 / 3.84 ms split (chunk 2), 1.81 / 4.90
 # unsplit (chunk 4).
 MIN_PROGRAMS = 4 * 132
 SPLIT_SEGMENTS = 32
