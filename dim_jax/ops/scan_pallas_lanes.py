@@ -326,10 +326,10 @@ def selective_scan_pallas_lanes(
   """Fused selective scan, lanes = channels; same arguments and result as `scan.selective_scan`.
 
   Launch parameters left None take `DEFAULTS` (segments: `default_segments`, fwd_block_d:
-  `default_fwd_block_d`). Channels are padded with zeros to a
-  multiple of both block sizes (A = 0, D = 0: the padded channels stay 0) and, with segments > 1
-  or chunks grouped (save_every > 1, fwd_chunk != chunk_size), the length to segments x (a
-  multiple of save_every x chunk); both are sliced off.
+  `default_fwd_block_d`). Channels are padded with zeros to a multiple of both block sizes (A = 0,
+  D = 0: the padded channels stay 0) and, with segments > 1 or chunks grouped (save_every > 1,
+  fwd_chunk != chunk_size), the length to segments x (a multiple of save_every x chunk); both are
+  sliced off.
   """
   batch, length, channels = u.shape
   if interpret is None:
