@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     weight_decay_on="all",
     warmup_steps=5000,
     grad_clip_norm=1.0,  # 0 disables clipping
+    # EMA of the weights: the long-run decay, reached after ~9 / (1 - d) steps; before that the
+    # decay is min(d, (1 + t) / (10 + t)) at step t, so a short run's EMA already shows the model.
     ema_decay=0.9999,
   )
 

@@ -16,7 +16,6 @@ def get_config(arg=None):
   c.data.update(name="fashion_mnist", image_size=32, random_flip=False)
   c.diffusion.update(schedule="discrete", p_uncond=0.1)
   c.optim.update(learning_rate=3e-4, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=500)
-  c.optim.ema_decay = 0.999
   c.train.update(batch_size=128, num_steps=20_000, log_every=100, checkpoint_every=2000)
   c.sample.update(sampler="dpm_solver_fast", steps=50, guidance_scale=1.5, num_images=100)
   return common.apply_arg(c, arg)
