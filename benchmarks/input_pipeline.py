@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import results  # noqa: E402
 from dim_jax import data  # noqa: E402
 from dim_jax.data import decoded, preprocess  # noqa: E402
+from dim_jax.tools.extract_latents import extract_latents  # noqa: E402
 
 ACCELERATOR_RATE = {256: 459.0, 512: 101.0}  # img/s, one H200 training DiT-XL/2 (DESIGN.md)
 JPEG_SIZES = [(500, 375), (375, 500), (500, 333), (640, 480)]
@@ -103,7 +104,7 @@ def latent_figures(root: str, count: int, rng) -> list[tuple[str, float, float]]
         return mean, np.full_like(mean, -3.0)
 
       source_cfg = dict(name="shapes", image_size=8, num_examples=count, worker_count=0)
-      data.extract_latents(encoder, source_cfg, folder, batch_size=64, dtype=dtype)
+      extract_latents(encoder, source_cfg, folder, batch_size=64, dtype=dtype)
       cfg = dict(name="latents", data_dir=folder, read_threads=0, worker_count=0)
       batch_size = 64
       iterator = data.create_train_iterator(cfg, batch_size=batch_size, seed=0)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks import results
 from configs import pretrain_256
-from dim_jax import diffusion, parallel, train
+from dim_jax import diffusion, parallel, train, train_state
 from dim_jax.models import dim_preset
 from dim_jax.models.flops import dim_flops
 
@@ -54,7 +54,7 @@ def matmul_rate(n: int) -> float:
 
 def sharded_step(config):
   """(jitted step, init_state, state sharding, batch sharding, mesh) as train.py builds them."""
-  graphdef, init_state, tx, lr = train.build_state(config)
+  graphdef, init_state, tx, lr = train_state.build_state(config)
   mesh = parallel.create_mesh(config.mesh)
   state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh)
   batch_sharding = parallel.batch_sharding(mesh)

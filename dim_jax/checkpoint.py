@@ -101,14 +101,13 @@ def restore_params(workdir: str, abstract_state, shardings, *, use_ema: bool, st
   return state[key], step
 
 
-def transfer_params(workdir: str, abstract_params, shardings, mesh):
+def transfer_params(workdir: str, abstract_params, shardings, mesh, resize=None):
   """Another run's latest weights for this model (stage transitions such as 256² -> 512²).
 
-  Shapes must match except the position table, whose grid part is bilinearly resized. Returns the
-  parameters placed on `shardings` and a list of what was changed, for the log.
+  Shapes must match, except where the model offers `resize(name, stored) -> array` (DiM: its
+  position table, to the new grid). Returns the parameters placed on `shardings` and a list of what
+  was changed, for the log.
   """
-  from dim_jax.models.dim import resize_position_table
-
   manager = create_manager(workdir)
   step = manager.latest_step()
   if step is None:
@@ -130,14 +129,13 @@ def transfer_params(workdir: str, abstract_params, shardings, mesh):
     if name not in source:
       raise ValueError(f"train.init_from={workdir}: its checkpoint has no parameter {name}.")
     value = source[name]
-    if value.shape != abstract.shape and name.endswith("pos_embed"):
-      g = round((abstract.shape[0] - 2) ** 0.5)
-      changes.append(f"{name}: {value.shape} -> {abstract.shape} (grid resized bilinearly)")
-      value = resize_position_table(value, g, g)
+    if value.shape != abstract.shape and resize is not None:
+      changes.append(f"{name}: {value.shape} -> {abstract.shape} (resized by the model)")
+      value = resize(name, value)
     if value.shape != abstract.shape:
       raise ValueError(
         f"train.init_from={workdir}: parameter {name} has shape {value.shape} there and "
-        f"{abstract.shape} in this config; only the position table can be resized."
+        f"{abstract.shape} in this config; the model cannot resize it."
       )
     return value.astype(abstract.dtype)
 

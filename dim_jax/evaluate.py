@@ -13,7 +13,7 @@ import os
 import jax
 from absl import logging
 
-from dim_jax import data, diffusion, eval_metrics, metrics, sample
+from dim_jax import data, diffusion, eval_metrics, metrics, sample, train_state
 from dim_jax.models import inception
 
 
@@ -22,9 +22,10 @@ def _feature_fn(config):
 
 
 def evaluate(config, workdir: str) -> dict:
+  sample.check_config(config)
   feature_fn = _feature_fn(config)
   ref = eval_metrics.load_reference_stats(config.eval.ref_stats, feature_fn)
-  graphdef, params, step = sample.restore_for_sampling(config, workdir)
+  graphdef, params, step = train_state.restore_for_sampling(config, workdir)
   schedule = diffusion.create_schedule(config.diffusion)
   batches = sample.generate_batches(
     graphdef,
@@ -90,6 +91,7 @@ def reference_stats(config, workdir: str) -> str:
 def extract_latents(config, workdir: str) -> dict:
   """Encodes the image set of `data` with the VAE of `vae.path` into extract.out_dir."""
   from dim_jax.models import layers, vae, vae_weights
+  from dim_jax.tools import extract_latents as writer
 
   if not config.vae.path or not config.extract.out_dir:
     raise ValueError(
@@ -97,7 +99,7 @@ def extract_latents(config, workdir: str) -> dict:
       "--config.extract.out_dir=<folder for the latents>."
     )
   model = vae_weights.load_vae(config.vae.path, dtype=layers.compute_dtype(config.vae.dtype))
-  counts = data.extract_latents(
+  counts = writer.extract_latents(
     vae.make_moments_fn(model),
     config.data,
     config.extract.out_dir,

@@ -10,7 +10,7 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from dim_jax import diffusion
+from dim_jax import diffusion, train_state
 
 
 def sample_labels(num_images: int, num_classes: int, unconditional: bool) -> np.ndarray:
@@ -126,25 +126,16 @@ def save_grid(path: str, images_uint8: np.ndarray) -> str:
   return path
 
 
-def restore_for_sampling(config, workdir: str):
-  """(graphdef, EMA or raw parameters, step) of a workdir's latest checkpoint."""
-  from dim_jax import checkpoint, parallel, train
-
+def check_config(config) -> None:
+  """A bad sampler or sample.upsample block fails here, before any restore or compile."""
   diffusion.validate(config.sample.sampler, config.sample.steps, config.sample.eta)
-  upsample_guidance(config.sample)  # a bad sample.upsample block fails before the restore
-  mesh = parallel.create_mesh(config.mesh)
-  graphdef, init_state, _, _ = train.build_state(config)
-  abstract_state = jax.eval_shape(init_state)
-  shardings = parallel.state_shardings(abstract_state, mesh)
-  params, step = checkpoint.restore_params(
-    workdir, abstract_state, shardings, use_ema=config.sample.use_ema
-  )
-  return graphdef, params, step
+  upsample_guidance(config.sample)
 
 
 def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) -> str:
   """--mode=sample: EMA parameters of the latest checkpoint -> PNG grid and .npz of uint8 images."""
-  graphdef, params, step = restore_for_sampling(config, workdir)
+  check_config(config)
+  graphdef, params, step = train_state.restore_for_sampling(config, workdir)
   num_images = num_images or config.sample.num_images
   schedule = diffusion.create_schedule(config.diffusion)
   rng = jax.random.key(config.seed + 2)

@@ -21,8 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dim_jax import checkpoint, data, diffusion, metrics, parallel, sample
-from dim_jax.models import create_model
+from dim_jax import checkpoint, data, diffusion, metrics, parallel, sample, train_state
 
 
 def check_workdir(workdir: str) -> None:
@@ -37,37 +36,6 @@ def check_workdir(workdir: str) -> None:
     raise ValueError(
       f"--workdir={workdir} is not writable ({e.strerror}); choose another."
     ) from None
-
-
-def weight_decay_mask(params, weight_decay_on: str):
-  """Which parameters AdamW decays: all (the official code) or only matrices (rank >= 2)."""
-  if weight_decay_on == "all":
-    return None
-  if weight_decay_on == "matrices":
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-  raise ValueError(f"optim.weight_decay_on={weight_decay_on!r}: use 'all' or 'matrices'.")
-
-
-def create_optimizer(optim_config, params) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping, linear warm-up then constant (the official schedule)."""
-  c = optim_config
-  lr = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1)),
-      optax.constant_schedule(c.learning_rate),
-    ],
-    [max(c.warmup_steps, 1)],
-  )
-  adamw = optax.adamw(
-    lr,
-    b1=c.b1,
-    b2=c.b2,
-    eps=c.eps,
-    weight_decay=c.weight_decay,
-    mask=weight_decay_mask(params, c.weight_decay_on),
-  )
-  clip = optax.clip_by_global_norm(c.grad_clip_norm) if c.grad_clip_norm > 0 else optax.identity()
-  return optax.chain(clip, adamw), lr
 
 
 class _StopSignal:
@@ -102,26 +70,6 @@ def _eta(seconds: float) -> str:
     if seconds >= 3600
     else f"{seconds // 60}m{seconds % 60:02d}s"
   )
-
-
-def build_state(config):
-  """The model's graph, an init function for the train state, the optimizer and its schedule."""
-  abstract_model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(config.seed)))
-  graphdef, abstract_params = nnx.split(abstract_model)
-  tx, lr_schedule = create_optimizer(config.optim, abstract_params)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-  logging.info("Model %s: %.2f M parameters", config.model.name, num_params / 1e6)
-
-  def init_state():
-    _, params = nnx.split(create_model(config.model, nnx.Rngs(config.seed)))
-    return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "opt_state": tx.init(params),
-      "ema_params": jax.tree.map(jnp.copy, params),
-    }
-
-  return graphdef, init_state, tx, lr_schedule
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
@@ -223,7 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   )
 
   # ---------------------------------------------------------------- Model & optimizer
-  graphdef, init_state, tx, lr_schedule = build_state(config)
+  graphdef, init_state, tx, lr_schedule = train_state.build_state(config)
   schedule = diffusion.create_schedule(config.diffusion)
   # A bad sampler config fails now, not after training.
   diffusion.validate(config.sample.sampler, config.sample.steps, config.sample.eta)
@@ -245,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- Update step
   train_step = make_train_step(config, graphdef, tx, lr_schedule, schedule)
   batch_sharding = parallel.batch_sharding(mesh)
-  p_train_step = jax.jit(
+  jit_train_step = jax.jit(
     train_step,
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, parallel.replicated(mesh)),
@@ -263,8 +211,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     if config.train.init_from:
+      model = nnx.merge(graphdef, abstract_state["params"])  # shapes only: for its methods
       params, changes = checkpoint.transfer_params(
-        config.train.init_from, abstract_state["params"], state_sharding["params"], mesh
+        config.train.init_from,
+        abstract_state["params"],
+        state_sharding["params"],
+        mesh,
+        resize=getattr(model, "resize_stored", None),
       )
       state = dict(state, params=params, ema_params=jax.tree.map(jnp.copy, params))
       for change in changes:
@@ -299,7 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       data_counts.update(data.pop_counters(local_batch))
       batch = parallel.global_batch(local_batch, mesh)
       with jax.set_mesh(mesh):  # the Pallas scan then runs per batch shard (map_batch_shards)
-        state, step_metrics = p_train_step(state, batch)
+        state, step_metrics = jit_train_step(state, batch)
 
     due_log = step % config.train.log_every == 0 or step == num_steps
     stopping = stop_requested(stop, step, config.train.log_every)

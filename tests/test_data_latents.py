@@ -5,6 +5,7 @@ import pytest
 
 from dim_jax import data
 from dim_jax.data import latents
+from dim_jax.tools.extract_latents import extract_latents
 
 
 def _fresh_seed() -> int:
@@ -36,7 +37,7 @@ SHAPES = dict(name="shapes", image_size=8, num_examples=10, worker_count=0, rand
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_extracted_moments_are_the_encoders_of_each_image_and_its_mirror(tmp_path, dtype):
   encoder = FakeEncoder(batch_size=4)
-  counts = data.extract_latents(encoder, SHAPES, str(tmp_path), batch_size=4, dtype=dtype)
+  counts = extract_latents(encoder, SHAPES, str(tmp_path), batch_size=4, dtype=dtype)
   assert counts["examples"] == 10 and encoder.calls == 2 * 3  # 4 + 4 + 2 (padded)
   latent_cfg = dict(name="latents", data_dir=str(tmp_path))
   info = data.dataset_info(latent_cfg)
@@ -55,7 +56,7 @@ def test_extracted_moments_are_the_encoders_of_each_image_and_its_mirror(tmp_pat
 
 def test_two_processes_write_shards_that_read_back_as_the_whole_set(tmp_path):
   for process in range(2):
-    counts = data.extract_latents(
+    counts = extract_latents(
       FakeEncoder(3), SHAPES, str(tmp_path), batch_size=3, process_index=process, process_count=2
     )
     assert counts["examples"] == 5
@@ -91,7 +92,7 @@ def test_samples_follow_the_posterior_times_the_scale():
 
 def test_latent_batches_from_the_training_iterator(tmp_path):
   seed = _fresh_seed()
-  data.extract_latents(FakeEncoder(5), SHAPES, str(tmp_path), batch_size=5)
+  extract_latents(FakeEncoder(5), SHAPES, str(tmp_path), batch_size=5)
   cfg = dict(name="latents", data_dir=str(tmp_path), worker_count=0)
   iterator = data.create_train_iterator(cfg, batch_size=4, seed=seed)
   batch = next(iterator)
@@ -103,4 +104,4 @@ def test_missing_latents_say_how_to_make_them(tmp_path):
   with pytest.raises(ValueError, match="--mode=extract_latents"):
     data.dataset_info(dict(name="latents", data_dir=str(tmp_path)))
   with pytest.raises(ValueError, match="latents already"):
-    data.extract_latents(FakeEncoder(1), dict(name="latents", data_dir=str(tmp_path)), "x")
+    extract_latents(FakeEncoder(1), dict(name="latents", data_dir=str(tmp_path)), "x")

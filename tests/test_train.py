@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from dim_jax import checkpoint, data, diffusion, parallel, train
+from dim_jax import checkpoint, data, diffusion, parallel, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def test_demo_training_loss_falls(tmp_path):
   config.optim.learning_rate = 2e-3
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state["step"]) == 60
-  graphdef, init_state, _, _ = train.build_state(config)
+  graphdef, init_state, _, _ = train_state.build_state(config)
   initial = _loss_on_fixed_batch(config, jax.jit(init_state)()["params"], graphdef)
   trained = _loss_on_fixed_batch(config, state["params"], graphdef)
   assert trained < 0.8 * initial, (initial, trained)
@@ -71,7 +71,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
   train.train_and_evaluate(tiny_config(num_steps=1), str(tmp_path))
   other = tiny_config(num_steps=2)
   other.model.width = 48
-  graphdef, init_state, _, _ = train.build_state(other)
+  graphdef, init_state, _, _ = train_state.build_state(other)
   abstract = jax.eval_shape(init_state)
   mesh = parallel.create_mesh(other.mesh)
   manager = checkpoint.create_manager(str(tmp_path))

@@ -32,9 +32,9 @@ optional field takes the default shown.
   image_folder   a folder of images, ADM centre crop, RGB. Class sub-folders -> labels (sorted
                  names); a flat folder -> unconditional (num_classes 0, labels 0).
     data_dir       the folder (required)
-  latents        VAE posterior moments written by `extract_latents`; batch["image"] is a
+  latents        VAE posterior moments written by `tools.extract_latents`; batch["image"] is a
                  posterior sample times latent_scale, of shape (h, w, c) from the metadata.
-    data_dir       the folder extract_latents wrote (required)
+    data_dir       the folder --mode=extract_latents wrote (required)
     latent_scale   (default 0.18215, Stable Diffusion's KL-f8 VAE)
 
 Sources that decode files (cifar10, imagenet2012, image_folder) add per-example counters
@@ -44,7 +44,6 @@ palette / alpha converted to RGB) to each batch; `pop_counters` removes them and
 
 from dim_jax.data.base import DatasetInfo
 from dim_jax.data.decoded import COUNTER_KEYS, pop_counters
-from dim_jax.data.latents import extract_latents
 from dim_jax.data.pipeline import SOURCES, create_train_iterator, dataset_info, make_source
 
 __all__ = [
@@ -53,7 +52,6 @@ __all__ = [
   "DatasetInfo",
   "create_train_iterator",
   "dataset_info",
-  "extract_latents",
   "make_source",
   "pop_counters",
 ]

@@ -235,6 +235,13 @@ class DiM(nnx.Module):
       width, patch_size**2 * in_channels, axes=("embed", None), dtype=dtype, rngs=rngs
     )
 
+  def resize_stored(self, name: str, value: jax.Array) -> jax.Array:
+    """A parameter saved by a DiM of another input size, fitted to this one for a stage transition
+    (`checkpoint.transfer_params`): only the position table differs, and its grid is resized."""
+    if name != "pos_embed":
+      return value
+    return resize_position_table(value, self.grid_size, self.grid_size)
+
   def position_embedding(self, h: int, w: int) -> jax.Array:
     """(2 + h*w, D): the stored table, its grid part bilinearly resized when (h, w) differs."""
     return resize_position_table(self.pos_embed[...], h, w)

@@ -349,7 +349,7 @@ def _placed(vae: AutoencoderKL, mesh):
 
 def make_moments_fn(vae: AutoencoderKL, mesh=None):
   """A jitted images (B, H, W, 3) in [-1, 1] -> (mean, logvar), each (B, H/8, W/8, 4) float32:
-  the `encoder` that `data.extract_latents` calls. With a mesh, B is split over its batch axes."""
+  the `encoder` that `tools.extract_latents` calls. With a mesh, B is split over its batch axes."""
   graphdef, params, shardings = _placed(vae, mesh)
 
   @functools.partial(jax.jit, **shardings)
