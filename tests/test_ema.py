@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dim_jax import data, diffusion, sample, train
+from dim_jax import data, diffusion, sample, train, train_state
 from tests.test_train import tiny_config
 
 
@@ -25,7 +25,7 @@ def _expected_ema(trajectory: list, decay: float) -> list:
 def test_ema_is_the_warmed_up_average_of_the_trajectory():
   config = tiny_config(num_steps=0)
   config.optim.update(ema_decay=0.9, warmup_steps=1, learning_rate=1e-2)  # d reached at step 80
-  graphdef, init_state, tx, lr_schedule = train.build_state(config)
+  graphdef, init_state, tx, lr_schedule = train_state.build_state(config)
   step = jax.jit(
     train.make_train_step(
       config, graphdef, tx, lr_schedule, diffusion.create_schedule(config.diffusion)
@@ -55,7 +55,7 @@ def test_short_run_ema_samples_are_nearer_the_trained_models_than_the_initial_on
   config.optim.learning_rate = 2e-3
   config.sample.num_images = 0
   state = train.train_and_evaluate(config, str(tmp_path))
-  graphdef, init_state, _, _ = train.build_state(config)
+  graphdef, init_state, _, _ = train_state.build_state(config)
   run = sample.make_sampler(
     graphdef, diffusion.create_schedule(config.diffusion), config.sample, config.model.num_classes
   )
