@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make demo` trains the offline demo, `make test` runs the suite.
-# Each creates the Python >= 3.12 virtual environment .venv when it is missing.
+# Each creates the Python >= 3.12 virtual environment .venv when it is missing and installs this
+# package into it (editable, with the tf and dev extras) at the versions pinned in constraints.txt.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@set -e; \
 	if [ ! -x $(PY) ]; then \
 	  py=""; \
@@ -29,7 +30,7 @@ $(VENV)/.installed: requirements.txt
 	  echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); \
 	fi; \
 	set -o pipefail; \
-	$(PY) -m pip install -q -r requirements.txt 2>&1 | { grep -v "Location '.*' is ignored" || true; }; \
+	$(PY) -m pip install -q -c constraints.txt -e ".[tf,dev]" 2>&1 | { grep -v "Location '.*' is ignored" || true; }; \
 	touch $@
 
 demo: venv

@@ -38,7 +38,7 @@ import ml_collections
 from flax import nnx
 
 from benchmarks import results
-from configs import common
+from dim_jax.configs import common
 from dim_jax.models import create_model, dim_preset, mamba
 from dim_jax.models.dit import dit_preset
 from dim_jax.models.flops import dim_flops, dim_sequence_length, dit_flops

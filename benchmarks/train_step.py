@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import results
-from configs import pretrain_256
 from dim_jax import diffusion, parallel, train, train_state
+from dim_jax.configs import pretrain_256
 from dim_jax.models import dim_preset
 from dim_jax.models.flops import dim_flops
 

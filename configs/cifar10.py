@@ -4,7 +4,7 @@ python -m dim_jax.main --config=configs/cifar10.py --workdir=/path/to/dim_s_cifa
 python -m dim_jax.main --config=configs/cifar10.py:smoke --workdir=/tmp/smoke_cifar
 """
 
-from configs import common
+from dim_jax.configs import common
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@ No download, no file to fetch: the data set is generated from the example index.
   python -m dim_jax.main --config=configs/demo.py --workdir=workdir/demo   # or: make demo
 """
 
-from configs import common
+from dim_jax.configs import common
 
 
 def get_config(arg=None):

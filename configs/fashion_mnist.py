@@ -7,7 +7,7 @@ The development recipe behind benchmarks/quality.py (FD-FMNIST).
   python -m dim_jax.main --config=configs/fashion_mnist.py:smoke --workdir=/tmp/smoke_fmnist
 """
 
-from configs import common
+from dim_jax.configs import common
 
 
 def get_config(arg=None):

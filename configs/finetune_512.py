@@ -9,7 +9,7 @@ becomes rho_pad, the EMA restarts from the weights and the optimizer starts fres
       --config.train.init_from=/tmp/smoke                                   # after pretrain:smoke
 """
 
-from configs import common, pretrain_256
+from dim_jax.configs import common, pretrain_256
 
 
 def get_config(arg=None):

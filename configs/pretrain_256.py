@@ -8,7 +8,7 @@ README); each step samples the stored posterior and scales it by 0.18215.
   python -m dim_jax.main --config=configs/pretrain_256.py:smoke --workdir=/tmp/smoke  # CPU smoke
 """
 
-from configs import common
+from dim_jax.configs import common
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ upsampling run uses the noise-prediction form). Writes
       --workdir=/tmp/smoke512                                      # after finetune_512:smoke
 """
 
-from configs import common, finetune_512
+from dim_jax.configs import common, finetune_512
 
 
 def get_config(arg=None, scale=2):

@@ -9,7 +9,7 @@ As configs/upsample_1024.py with m = 3 (latents 64² -> 192², 9806 tokens per i
       --workdir=/tmp/smoke512                                      # after finetune_512:smoke
 """
 
-from configs import upsample_1024
+from dim_jax.configs import upsample_1024
 
 
 def get_config(arg=None):

@@ -2,6 +2,7 @@
 
 python -m dim_jax.main --config=configs/demo.py --workdir=workdir/demo
 python -m dim_jax.main --config=configs/demo.py --workdir=workdir/demo --mode=sample
+dim-jax --config=configs/demo.py --workdir=workdir/demo  # the same, once installed
 """
 
 import logging as pylogging
@@ -22,7 +23,10 @@ flags.DEFINE_enum(
   "ref_stats (Inception statistics of `data`) | extract_latents (VAE moments of `data`).",
 )
 flags.DEFINE_integer(
-  "num_images", None, "--mode=sample: how many images (default sample.num_images)."
+  "num_images", None, "--mode=sample: how many images (default sample.num_images).", lower_bound=1
+)
+flags.DEFINE_string(
+  "out", None, "--mode=sample: folder for the PNG grid and .npz (default: the workdir)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -77,11 +81,29 @@ def _setup_platform() -> None:
 
 
 def _parse_flags(argv):
-  """absl's parser, with config errors (unknown field, bad value) reduced to one line."""
+  """absl's parser, with config errors (missing recipe, unknown field, bad value) reduced to one
+  line, before anything is written."""
+  for i, arg in enumerate(argv):  # a missing recipe fails later and less clearly in absl
+    recipe = arg[len("--config=") :] if arg.startswith("--config=") else None
+    if arg == "--config" and i + 1 < len(argv):
+      recipe = argv[i + 1]
+    if recipe is not None and not os.path.isfile(recipe.split(":", 1)[0]):
+      sys.exit(
+        f"error: --config={recipe}: no such file; the recipes are configs/*.py in a checkout "
+        "(installed: `python -m dim_jax.configs` prints their folder)."
+      )
   try:
-    return FLAGS(argv)
+    argv = FLAGS(argv)
+    FLAGS.config.get("seed")  # a recipe that failed to load (OSError) raises when first read
+    return argv
+  except OSError as e:
+    sys.exit(f"error: --config: {' '.join(str(e).split())}")
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    message = str(e).replace("\\n", "\n").replace("\\'", "'")
+    if "Error whilst parsing config file" in message:  # the recipe's own error: the last line
+      message = [line.strip() for line in message.splitlines() if line.strip()][-1]
+      message = message.split(": ", 1)[-1]  # without "ValueError: "
+    message = " ".join(message.split())
     if len(message) > 1 and message[0] == message[-1] == "'":
       message = message[1:-1]
     kind = "unknown config field" if isinstance(e, AttributeError | KeyError) else "bad flag"
@@ -101,17 +123,24 @@ def main(argv):
     elif FLAGS.mode == "sample":
       from dim_jax import sample
 
-      sample.sample_from_workdir(FLAGS.config, FLAGS.workdir, num_images=FLAGS.num_images)
+      sample.sample_from_workdir(
+        FLAGS.config, FLAGS.workdir, num_images=FLAGS.num_images, out=FLAGS.out
+      )
     else:
       from dim_jax import evaluate
 
       evaluate.MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, OSError, FloatingPointError) as e:
     if os.environ.get("DIM_JAX_TRACEBACK"):
       raise
     logging.error("%s", e)
     sys.exit(f"error: {e}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `dim-jax` command."""
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -155,7 +155,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- Workdir
   check_workdir(workdir)
   writer = metrics.create_writer(workdir)
-  writer.write_hparams(metrics.flatten_config(config))
+  writer.write_hparams(config.to_dict())
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -183,6 +183,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError(
       f"data {config.data.name!r} gives images of shape {tuple(info.image_shape)} but the model "
       f"expects {expected} (model.input_size, model.in_channels)."
+    )
+  # Labels past the class table would index out of it (NaN at step 1); unconditional runs
+  # (p_uncond = 1) replace every label by the null class.
+  if info.num_classes > config.model.num_classes and config.diffusion.p_uncond < 1:
+    raise ValueError(
+      f"data {config.data.name!r} has {info.num_classes} classes but model.num_classes="
+      f"{config.model.num_classes}; set --config.model.num_classes={info.num_classes}."
     )
   rows = parallel.local_rows(mesh, config.train.batch_size)  # the iterator starts after restore
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # One host's Python environment for dim_jax: a Python >= 3.12 venv in .venv with JAX for this
-# host's accelerator plus requirements.txt. Idempotent: a second run with the same requirements
-# and accelerator does nothing, so `launch/tpu.sh setup` can run it on every worker of a pod.
+# host's accelerator plus requirements.txt (this package, editable, at the versions of
+# constraints.txt). Idempotent: a second run with the same requirements and accelerator does
+# nothing, so `launch/tpu.sh setup` can run it on every worker of a pod.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,8 +65,9 @@ find_python() {
 
 [[ -n $ACCEL ]] || ACCEL="$(detect_accelerator)"
 if [[ $ACCEL == cpu ]]; then JAX="jax>=0.11.2"; else JAX="jax[$ACCEL]>=0.11.2"; fi
-# The stamp names what was installed; it changes whenever requirements.txt or the JAX line does.
-STAMP="$VENV/.installed-$( (cat "$REPO/requirements.txt" && echo "$JAX") | sha256sum | cut -c1-16)"
+# The stamp names what was installed; it changes whenever the requirements or the JAX line do.
+REQUIREMENTS=("$REPO/requirements.txt" "$REPO/constraints.txt" "$REPO/pyproject.toml")
+STAMP="$VENV/.installed-$( (cat "${REQUIREMENTS[@]}" 2>/dev/null; echo "$JAX") | sha256sum | cut -c1-16)"
 if [[ -f $STAMP ]]; then
   echo "$VENV is up to date ($JAX + requirements.txt)" >&2
   exit 0
@@ -86,6 +88,7 @@ if [[ ! -x $VENV/bin/python ]]; then
   fi
 fi
 # uv installs in seconds where pip takes about a minute; either gives the same environment.
+cd "$REPO"  # requirements.txt installs "." editable
 if [[ -n $UV ]]; then
   run_cmd "$UV" pip install --python "$VENV/bin/python" "$JAX" -r "$REPO/requirements.txt"
 else

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
+from dim_jax.configs import common
 from dim_jax.models import create_model
 from dim_jax.models.mamba import MambaMixer
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
+from dim_jax.configs import common
 from dim_jax.models.dit import DiT, DiTBlock, SelfAttention, build_dit, sincos_position_embedding
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import demo
 from dim_jax import checkpoint, data, diffusion, parallel, train, train_state
+from dim_jax.configs import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ def test_unwritable_workdir_is_one_clear_line(tmp_path):
 
 
 def test_finetune_smoke_starts_from_pretrain_smoke_checkpoint(tmp_path):
-  from configs import finetune_512, pretrain_256
+  from dim_jax.configs import finetune_512, pretrain_256
 
   pre = pretrain_256.get_config("smoke")
   pre.train.num_steps = 2

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 from flax import nnx
 
 from dim_jax.models import vae_weights
@@ -277,7 +278,7 @@ def _safetensors_by_hand(path, tensors: dict, dtypes: dict):
     f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
-def test_safetensors_read_and_write(tmp_path):
+def test_safetensors_written_by_hand_are_read(tmp_path):
   rng, seed = _rng()
   tensors = {
     "a.weight": rng.standard_normal((3, 2, 3, 3), dtype=np.float32),
@@ -287,22 +288,11 @@ def test_safetensors_read_and_write(tmp_path):
   }
   dtypes = {"a.weight": "F32", "b.half": "F16", "c.bf16": "BF16", "d.scalar": "F64"}
   _safetensors_by_hand(tmp_path / "hand.safetensors", tensors, dtypes)
-  read = vae_weights.read_safetensors(str(tmp_path / "hand.safetensors"))
+  read = vae_weights.read_state_dict(str(tmp_path / "hand.safetensors"))
   assert set(read) == set(tensors)
   for name, value in tensors.items():
     assert read[name].dtype == value.dtype and read[name].shape == value.shape, name
     np.testing.assert_array_equal(read[name], value, err_msg=f"{name}, seed {seed}")
-
-  vae_weights.write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"source": "test"})
-  blob = (tmp_path / "ours.safetensors").read_bytes()
-  (length,) = struct.unpack("<Q", blob[:8])
-  header = json.loads(blob[8 : 8 + length])
-  assert (8 + length) % 8 == 0 and header["__metadata__"] == {"source": "test"}
-  for name, value in tensors.items():
-    begin, end = header[name]["data_offsets"]
-    raw = blob[8 + length + begin : 8 + length + end]
-    assert header[name]["dtype"] == dtypes[name] and header[name]["shape"] == list(value.shape)
-    np.testing.assert_array_equal(np.frombuffer(raw, value.dtype).reshape(value.shape), value)
 
 
 def _fake_torch_modules():
@@ -447,7 +437,7 @@ def test_load_vae_from_files(tmp_path, monkeypatch):
   """load_vae on a diffusers safetensors (float16, as some uploads are) and on an LDM .pth."""
   rng, seed = _rng()
   diffusers = random_state_dict(diffusers_shapes(TINY), rng, np.float16)
-  vae_weights.write_safetensors(str(tmp_path / "vae.safetensors"), diffusers)
+  safetensors.numpy.save_file(diffusers, str(tmp_path / "vae.safetensors"))
   vae = vae_weights.load_vae(str(tmp_path / "vae.safetensors"), config=TINY, dtype=jnp.bfloat16)
   back = vae_weights.export_state_dict(vae)
   assert all(np.array_equal(back[k], v.astype(np.float32)) for k, v in diffusers.items()), seed
@@ -466,15 +456,26 @@ def test_load_vae_from_files(tmp_path, monkeypatch):
 def test_convert_cli_rewrites_an_ldm_checkpoint_as_diffusers_safetensors(tmp_path, capsys):
   rng, seed = _rng()
   ldm = random_state_dict(ldm_shapes(SD), rng, np.float16)
-  vae_weights.write_safetensors(str(tmp_path / "ldm.safetensors"), ldm)
+  safetensors.numpy.save_file(ldm, str(tmp_path / "ldm.safetensors"))
   assert (
     convert_vae.main([str(tmp_path / "ldm.safetensors"), str(tmp_path / "out.safetensors")]) == 0
   )
   assert "ldm names, 248 tensors (float16), 83,653,863 parameters: OK" in capsys.readouterr().out
-  written = vae_weights.read_safetensors(str(tmp_path / "out.safetensors"))
+  written = safetensors.numpy.load_file(str(tmp_path / "out.safetensors"))
   assert set(written) == set(diffusers_shapes(SD))
   assert all(v.dtype == np.float32 for v in written.values())
   back = vae_weights.export_state_dict(
     vae_weights.load_vae(str(tmp_path / "out.safetensors")), "ldm"
   )
   assert all(np.array_equal(back[k], v.astype(np.float32)) for k, v in ldm.items()), seed
+
+
+@pytest.mark.parametrize("content", [None, b"", os.urandom(64), b"PK\x03\x04 not a zip"])
+def test_convert_cli_answers_a_missing_or_junk_file_in_one_line(tmp_path, capsys, content):
+  source = tmp_path / "vae.safetensors"
+  if content is not None:
+    source.write_bytes(content)
+  assert convert_vae.main([str(source), str(tmp_path / "out.safetensors")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {source}: ") and err.count("\n") == 1, err
+  assert not (tmp_path / "out.safetensors").exists()

@@ -22,17 +22,17 @@ storages and refuses every other global (as `torch.load(weights_only=True)` does
 import collections
 import dataclasses
 import io
-import json
-import math
+import os
 import pickle
 import re
-import struct
 import zipfile
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from dim_jax.models.vae import SD_KL_F8, AutoencoderKL, VAEConfig
@@ -40,70 +40,6 @@ from dim_jax.models.vae import SD_KL_F8, AutoencoderKL, VAEConfig
 NAMINGS = ("diffusers", "diffusers_legacy", "ldm")
 _IGNORED_PREFIXES = ("loss.",)  # LDM training checkpoints carry the LPIPS / discriminator loss
 _SD_PREFIX = "first_stage_model."  # the VAE inside a whole Stable Diffusion checkpoint
-
-# ---------------------------------------------------------------------------------------------
-# safetensors: 8-byte little-endian header length, a JSON header, then the raw buffers.
-
-_SAFETENSORS_DTYPES = {
-  "F64": np.float64,
-  "F32": np.float32,
-  "F16": np.float16,
-  "BF16": ml_dtypes.bfloat16,
-  "I64": np.int64,
-  "I32": np.int32,
-  "I16": np.int16,
-  "I8": np.int8,
-  "U8": np.uint8,
-  "BOOL": np.bool_,
-}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
-    blob = f.read()
-  (header_len,) = struct.unpack("<Q", blob[:8]) if len(blob) >= 8 else (len(blob),)
-  if 8 + header_len > len(blob):
-    raise ValueError(f"{path}: not a safetensors file (header length {header_len} is too long).")
-  header = json.loads(blob[8 : 8 + header_len])
-  data = memoryview(blob)[8 + header_len :]
-  tensors = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
-    shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
-    if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= len(data):
-      raise ValueError(f"{path}: tensor {name!r}: offsets {begin}..{end} do not fit {shape}.")
-    tensors[name] = (
-      np.frombuffer(data[begin:end], dtype).reshape(shape).astype(dtype.newbyteorder("="))
-    )
-  return tensors
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) -> None:
-  names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-  header, buffers, offset = {}, [], 0
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  for name in sorted(tensors):
-    array = np.asarray(tensors[name])  # tobytes() writes C order
-    buffer = array.astype(array.dtype.newbyteorder("<")).tobytes()
-    header[name] = {
-      "dtype": names[array.dtype],
-      "shape": list(array.shape),
-      "data_offsets": [offset, offset + len(buffer)],
-    }
-    buffers.append(buffer)
-    offset += len(buffer)
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)  # the buffers start 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)) + encoded)
-    for buffer in buffers:
-      f.write(buffer)
-
 
 # ---------------------------------------------------------------------------------------------
 # torch zip archives (`torch.save` since 1.6): <root>/data.pkl pickles the object with each
@@ -213,13 +149,16 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """A `.safetensors` file or a torch zip archive (`.pth`, `.ckpt`, `.bin`) -> {key: array}."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file; give a local VAE weights file.")
   if zipfile.is_zipfile(path):
     return read_torch_checkpoint(path)
-  with open(path, "rb") as f:
-    head = f.read(9)
-  if len(head) == 9 and head[8:9] == b"{":
-    return read_safetensors(path)
-  raise ValueError(f"{path}: neither a safetensors file nor a torch zip archive (.pth).")
+  try:
+    return safetensors.numpy.load_file(path)
+  except safetensors.SafetensorError as e:
+    raise ValueError(
+      f"{path}: neither a safetensors file nor a torch zip archive (.pth): {e}."
+    ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +298,11 @@ def load_state_dict(
 
 
 def export_state_dict(module: nnx.Module, naming: str = "diffusers") -> dict[str, np.ndarray]:
-  """The module's parameters as a float32 PyTorch state dict with `naming`'s keys and layouts."""
+  """The module's parameters as a float32 PyTorch state dict with `naming`'s keys and layouts,
+  C-contiguous as safetensors writes them."""
   return {
-    checkpoint_key(path, naming, _num_levels(module)): from_param(
-      np.asarray(var.get_value()), naming
+    checkpoint_key(path, naming, _num_levels(module)): np.ascontiguousarray(
+      from_param(np.asarray(var.get_value()), naming)
     )
     for path, var in _flat_params(module)
   }

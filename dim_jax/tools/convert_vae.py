@@ -12,9 +12,11 @@ also where no one should unpickle files.
 
 import argparse
 import os
+import pickle
 import sys
 
 import jax
+import safetensors.numpy
 from flax import nnx
 
 from dim_jax.models import vae_weights
@@ -28,11 +30,15 @@ def main(argv=None) -> int:
   p.add_argument("--naming", default="diffusers", choices=["diffusers", "ldm"])
   args = p.parse_args(argv)
 
-  state = vae_weights.read_state_dict(args.source)
+  try:
+    state = vae_weights.read_state_dict(args.source)
+    vae = nnx.eval_shape(lambda: AutoencoderKL(SD_KL_F8, rngs=nnx.Rngs(0)))
+    # Raises at the first missing, misshaped or unused key.
+    naming = vae_weights.load_state_dict(vae, state, source=args.source)
+  except (OSError, ValueError, pickle.UnpicklingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   dtypes = ", ".join(sorted({str(v.dtype) for v in state.values()}))
-  vae = nnx.eval_shape(lambda: AutoencoderKL(SD_KL_F8, rngs=nnx.Rngs(0)))
-  # Raises at the first missing, misshaped or unused key.
-  naming = vae_weights.load_state_dict(vae, state, source=args.source)
   count = sum(x.size for x in jax.tree.leaves(nnx.state(vae, nnx.Param)))
   print(f"{args.source}: {naming} names, {len(state)} tensors ({dtypes}), {count:,} parameters: OK")
   if args.output:
@@ -40,7 +46,7 @@ def main(argv=None) -> int:
       p.error("the output would overwrite the source; give another path.")
     tensors = vae_weights.export_state_dict(vae, args.naming)
     metadata = {"format": "pt", "source": os.path.basename(args.source), "naming": args.naming}
-    vae_weights.write_safetensors(args.output, tensors, metadata)
+    safetensors.numpy.save_file(tensors, args.output, metadata)
     print(f"wrote {args.output}: {len(tensors)} float32 tensors, {args.naming} names")
   return 0
 
