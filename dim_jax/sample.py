@@ -10,7 +10,7 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from dim_jax import diffusion, train_state
+from dim_jax import diffusion, files, train_state
 
 
 def sample_labels(num_images: int, num_classes: int, unconditional: bool) -> np.ndarray:
@@ -132,9 +132,14 @@ def check_config(config) -> None:
   upsample_guidance(config.sample)
 
 
-def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) -> str:
-  """--mode=sample: EMA parameters of the latest checkpoint -> PNG grid and .npz of uint8 images."""
+def sample_from_workdir(
+  config, workdir: str, *, num_images: int | None = None, out: str | None = None
+) -> str:
+  """--mode=sample: EMA parameters of the latest checkpoint -> PNG grid and .npz of uint8 images,
+  in `out` (default: the workdir), under a name no earlier sampling has used."""
   check_config(config)
+  out = out or workdir
+  files.check_writable(out, "--out" if out != workdir else "--workdir")
   graphdef, params, step = train_state.restore_for_sampling(config, workdir)
   num_images = num_images or config.sample.num_images
   schedule = diffusion.create_schedule(config.diffusion)
@@ -146,7 +151,8 @@ def sample_from_workdir(config, workdir: str, *, num_images: int | None = None) 
   guidance = upsample_guidance(config.sample)
   if guidance:  # apart from the grid at the trained size
     name += f"_upsample{guidance.scale}x"
-  path = save_grid(os.path.join(workdir, name + ".png"), images)
-  np.savez(os.path.join(workdir, name + ".npz"), images=images)
-  logging.info("Wrote %s and %s.npz", path, name)
+  stem = files.unused_stem(os.path.join(out, name), (".png", ".npz"))
+  path = save_grid(stem + ".png", images)
+  np.savez(stem + ".npz", images=images)
+  logging.info("Wrote %s and %s.npz", path, stem)
   return path

@@ -21,21 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dim_jax import checkpoint, data, diffusion, metrics, parallel, sample, train_state
-
-
-def check_workdir(workdir: str) -> None:
-  """Fails with one line when the workdir cannot be created or written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(
-      f"--workdir={workdir} is not writable ({e.strerror}); choose another."
-    ) from None
+from dim_jax import checkpoint, data, diffusion, files, metrics, parallel, sample, train_state
 
 
 class _StopSignal:
@@ -153,7 +139,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, schedule):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
   # ---------------------------------------------------------------- Workdir
-  check_workdir(workdir)
+  files.check_writable(workdir)
   writer = metrics.create_writer(workdir)
   writer.write_hparams(config.to_dict())
   if jax.process_index() == 0:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dim_jax import main, train
+from dim_jax import main, sample, train
 from tests.test_train import tiny_config
 
 
@@ -56,3 +56,25 @@ def test_more_class_folders_than_model_classes_is_one_line(tmp_path):
   assert "7 classes but model.num_classes=4" in message and "\n" not in message
   assert "--config.model.num_classes=7" in message
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sampling_writes_elsewhere_and_never_over_an_earlier_file(tmp_path):
+  config = tiny_config(num_steps=1)
+  config.sample.num_images = 0
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  before = sorted(os.listdir(tmp_path / "run"))
+  config.sample.update(num_images=2, batch_size=2)
+  out = tmp_path / "samples"
+  first = sample.sample_from_workdir(config, str(tmp_path / "run"), out=str(out))
+  second = sample.sample_from_workdir(config, str(tmp_path / "run"), out=str(out), num_images=1)
+  assert first != second and os.path.dirname(first) == os.path.dirname(second) == str(out)
+  assert np.load(first[: -len(".png")] + ".npz")["images"].shape[0] == 2  # the first is kept
+  assert np.load(second[: -len(".png")] + ".npz")["images"].shape[0] == 1
+  assert sorted(os.listdir(tmp_path / "run")) == before  # nothing written into the workdir
+
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  with pytest.raises(
+    ValueError, match=rf"^--out={blocker}/x is not writable \(.*\); choose another"
+  ):
+    sample.sample_from_workdir(config, str(tmp_path / "run"), out=str(blocker / "x"))
