@@ -84,6 +84,7 @@ def test_a_five_dimensional_image_is_refused_in_one_line(tmp_path):
   writer = metrics.TensorboardXWriter(str(tmp_path))
   with pytest.raises(ValueError, match=r"expected \(N, H, W, C\)"):
     writer.write_images(1, {"video": np.zeros((1, 2, 4, 4, 3), np.uint8)})
+  writer.close()
 
 
 def test_logged_scalar_reads_the_writers_log_lines():
