@@ -99,7 +99,7 @@ def parse_args(argv):
     "--tokens-per-batch", type=int, default=32768, help="auto batch = this // image tokens"
   )
   p.add_argument("--iters", type=int, default=5, help="timed calls per model and resolution")
-  p.add_argument("--scan-impl", default="auto", help="DiM model.scan_impl")
+  p.add_argument("--scan-impl", default="auto", help="DiM model.scan.impl")
   p.add_argument("--attention-impl", default="auto", help="DiT model.attention_impl")
   p.add_argument("--matmul-size", type=int, default=8192, help="n of the n³ bf16 matmul")
   p.add_argument("--budget-s", type=float, default=270.0, help="start no new run after this")
@@ -154,7 +154,7 @@ def model_config(family: str, arch: dict, args) -> ml_collections.ConfigDict:
     input_size=STORED_LATENT,
     num_classes=NUM_CLASSES,
     dtype="bfloat16",
-    scan_impl=args.scan_impl,
+    scan=dict(impl=args.scan_impl),
     attention_impl=args.attention_impl,
     num_heads=arch.get("num_heads", 1),
   )
@@ -352,8 +352,8 @@ def main(argv=None):
     f"- device: {device}; jax {jax.__version__}; bf16 matmul {args.matmul_size}³: "
     f"{rate / 1e12:.1f} TFLOP/s (the roofline rate)\n"
     f"- command: `{command}`{' (tiny architectures)' if args.tiny else ''}\n"
-    f"- scan_impl={args.scan_impl}, attention_impl={args.attention_impl}; latents /8, 4 channels, "
-    f"patch 2; wall time {time.perf_counter() - start:.0f} s\n\n"
+    f"- model.scan.impl={args.scan_impl}, attention_impl={args.attention_impl}; latents /8, "
+    f"4 channels, patch 2; wall time {time.perf_counter() - start:.0f} s\n\n"
     + results_table(rows)
     + ("\n" + ratio_table(rows) if ratio_table(rows) else "")
   )

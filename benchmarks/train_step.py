@@ -31,7 +31,8 @@ from dim_jax.models.flops import dim_flops
 
 def config_for(variant: str, image: int, batch: int, remat: str, scan_impl: str, tiny: bool):
   c = pretrain_256.get_config()
-  c.model.update(input_size=image // 8, remat=remat, scan_impl=scan_impl)
+  c.model.update(input_size=image // 8, remat=remat)
+  c.model.scan.impl = scan_impl
   if tiny:
     c.model.update(variant="", width=32, depth=5, patch_size=2, dtype="float32")
   else:
@@ -98,7 +99,7 @@ def main(argv):
   p.add_argument("--variants", default="S/2,L/2,H/2")
   p.add_argument("--batch", type=int, default=64, help="per-device batch at 256²")
   p.add_argument("--remat", default="none,block", help="model.remat policies to time")
-  p.add_argument("--scan-impl", default="auto")
+  p.add_argument("--scan-impl", default="auto", help="model.scan.impl")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--search", default="512:32,24,16,12,8;1024:8,6,4,2,1")
   p.add_argument("--tiny", action="store_true")

@@ -27,7 +27,27 @@ def base_config() -> ml_collections.ConfigDict:
     expand=2,
     pad_layout="lateral",  # "lateral" (256² recipes) or "rho_pad" (512² fine-tune, upsampling)
     scan_directions=4,  # 4 (DiM), 2 (row and reverse row) or 1 (raster only; ablation)
-    scan_impl="auto",  # selective_scan impl: auto | reference | associative | chunked | pallas
+    # The selective scan (dim_jax.ops.ScanConfig; docs/scan.md has the design and the figures).
+    scan=dict(
+      # auto (the fastest correct one per platform: reference on CPU, pallas_gpu on GPU, chunked
+      # elsewhere) | reference (sequential lax.scan) | associative (lax.associative_scan, keeps
+      # (B, L, D, N) for the backward) | chunked (lax.scan over rematerialised chunks) | pallas_gpu
+      # (the fused Pallas kernel; on a CPU it runs in the Pallas interpreter, slowly)
+      impl="auto",
+      # Time steps per chunk; 0 = the impl's own (chunked: 256; pallas_gpu: 4, unrolled, so longer
+      # chunks cost registers and minutes of compile). pallas_gpu keeps one float32 (N, D) state
+      # per chunk x save_every steps and sample for its backward: 0.45 GB per layer call at 1536²
+      # (L = 9216, D = 3072) with the defaults.
+      chunk=0,
+      # pallas_gpu: chunks per kept state; m > 1 keeps m x less memory for one more pass of exps
+      # in the backward (chunk=2, save_every=4, fwd_chunk=4: 0.23 GB at 1536²).
+      save_every=1,
+      # pallas_gpu: the forward's own chunk, a divisor of chunk x save_every; 0 = chunk.
+      fwd_chunk=0,
+      # pallas_gpu: programs the sequence is split over (each more program costs a second pass of
+      # exps); 0 = 32 when batch x D / 32 < 528 programs and L >= 4096, else 1.
+      segments=0,
+    ),
     # What each block keeps for the backward pass (memory for compute): none (everything) |
     # block (only its input: recompute the block) | save_dots (matmul outputs; recompute the rest)
     remat="none",
@@ -149,7 +169,8 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   if arg != "smoke":
     raise ValueError(f"config argument {arg!r}: the only one is 'smoke'.")
   c.model.update(variant="", width=32, depth=5, patch_size=2, in_channels=3, num_classes=4)
-  c.model.update(d_state=4, dtype="float32", remat="none", scan_impl="auto")
+  c.model.update(d_state=4, dtype="float32", remat="none")
+  c.model.scan.update(impl="auto")
   c.data.update(name="shapes", image_size=c.model.input_size, worker_count=0)
   c.train.update(batch_size=8, num_steps=10, log_every=5, checkpoint_every=5)
   c.sample.update(steps=min(c.sample.steps, 4), num_images=4, batch_size=4)

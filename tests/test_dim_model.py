@@ -1,6 +1,7 @@
 """The DiM backbone: parameter counts of the presets, the Mamba mixer's maths, any grid size."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from flax import nnx
 from dim_jax.configs import common
 from dim_jax.models import create_model
 from dim_jax.models.mamba import MambaMixer
+from dim_jax.ops import ScanConfig
 
 
 def _rng():
@@ -20,7 +22,8 @@ def _rng():
 
 def _model_config(**overrides):
   cfg = common.base_config().model
-  cfg.update(scan_impl="reference", **overrides)
+  cfg.update(**overrides)
+  cfg.scan.impl = "reference"
   return cfg
 
 
@@ -69,7 +72,9 @@ def _mixer_by_hand(x, p, d_state, dt_rank):
 def test_mamba_mixer_matches_float64_sequential_reference():
   rng, seed = _rng()
   dim, batch, length = int(rng.integers(8, 24)), 2, int(rng.integers(5, 17))
-  mixer = MambaMixer(dim, num_layers=3, scan_impl="reference", rngs=nnx.Rngs(int(seed % 2**31)))
+  mixer = MambaMixer(
+    dim, num_layers=3, scan=ScanConfig("reference"), rngs=nnx.Rngs(int(seed % 2**31))
+  )
   # Move the dt bias away from its init so that softplus and the bias path are exercised.
   mixer.dt_proj.bias[...] = jnp.asarray(rng.normal(size=mixer.dt_proj.bias.shape), jnp.float32)
   x = rng.normal(size=(batch, length, dim)).astype(np.float32)
@@ -153,3 +158,34 @@ def test_remat_policies_give_the_same_gradients(name):
 def test_unknown_remat_policy_is_refused():
   with pytest.raises(ValueError, match="model.remat='all'.*save_dots"):
     create_model(_model_config(width=32, depth=3, input_size=8, remat="all"), nnx.Rngs(0))
+
+
+def test_scan_settings_reach_every_mixer_from_the_command_line():
+  """`--config.model.scan.<field>=...` builds one ScanConfig that every block's mixer runs with;
+  the config block's defaults are ScanConfig's own."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  assert ScanConfig(**common.base_config().model.scan) == ScanConfig()
+  demo = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+  argv = ["main", f"--config={demo}:smoke", "--config.model.scan.save_every=4"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  model = nnx.eval_shape(lambda: create_model(flag_values.config.model, nnx.Rngs(0)))
+  assert {block.mixer.scan for block in model.blocks} == {ScanConfig(save_every=4)}
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("impl", "cuda", "model.scan.impl='cuda' is unknown; use one of reference,"),
+    ("save_every", 0, "model.scan.save_every=0: use an integer >= 1"),
+    ("chunk", -1, "model.scan.chunk=-1: use an integer >= 0"),
+  ],
+)
+def test_a_bad_scan_setting_fails_at_model_creation_naming_the_field(field, value, message):
+  cfg = _model_config(width=16, depth=3)
+  cfg.scan[field] = value
+  with pytest.raises(ValueError, match=message):
+    nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))

@@ -72,7 +72,7 @@ SHARDED_SCAN = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from dim_jax import parallel
-from dim_jax.ops.scan import selective_scan
+from dim_jax.ops import ScanConfig, selective_scan
 
 mesh = jax.make_mesh((2, 4), parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 rng = np.random.default_rng(int.from_bytes(__import__("os").urandom(4), "little"))
@@ -82,7 +82,7 @@ A = -jnp.exp(jnp.asarray(rng.normal(size=(40, 3)), jnp.float32))
 D, bias = (jnp.asarray(rng.normal(size=40), jnp.float32) for _ in range(2))
 
 def loss(u, delta, A, B, C, D, bias, z):
-  y = selective_scan(u, delta, A, B, C, D, delta_bias=bias, z=z, impl="pallas_lanes")
+  y = selective_scan(u, delta, A, B, C, D, delta_bias=bias, z=z, config=ScanConfig("pallas_gpu"))
   return jnp.sum(jnp.sin(y))
 
 fn = jax.jit(jax.value_and_grad(loss, argnums=range(8)))

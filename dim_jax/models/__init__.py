@@ -6,6 +6,7 @@ from flax import nnx
 from dim_jax.models.dim import DiM
 from dim_jax.models.dit import build_dit
 from dim_jax.models.layers import compute_dtype
+from dim_jax.ops.scan import ScanConfig
 
 # Parameters carry logical sharding names; the training step places them with jit out_shardings
 # (parallel.py), so NNX must not try to shard them eagerly at creation (it would need a mesh).
@@ -41,7 +42,7 @@ def _build_dim(cfg, rngs: nnx.Rngs) -> DiM:
     expand=cfg.expand,
     pad_layout=cfg.pad_layout,
     scan_directions=cfg.scan_directions,
-    scan_impl=cfg.scan_impl,
+    scan=ScanConfig(**cfg.scan),
     remat=cfg.remat,
     dtype=compute_dtype(cfg.dtype),
     rngs=rngs,

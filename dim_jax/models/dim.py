@@ -30,6 +30,7 @@ from dim_jax.models.layers import (
 )
 from dim_jax.models.mamba import MambaMixer
 from dim_jax.ops import layout
+from dim_jax.ops.scan import ScanConfig, resolve_impl
 
 NUM_PREFIX = 2 + layout.NUM_PAD  # [t_tok, y_tok, sep_1, sep_2, sep_3]: never permuted
 ADALN_FREQ_DIM = 256  # sinusoid width fed to adaLN-single's timestep MLP (PixArt-α)
@@ -117,14 +118,26 @@ class DiMBlock(nnx.Module):
     pattern: int,
     is_decoder: bool,
     num_layers: int,
-    mixer_kwargs: dict,
+    d_state: int,
+    d_conv: int,
+    expand: int,
+    scan: ScanConfig,
     dtype,
     rngs: nnx.Rngs,
   ):
     self.pattern = pattern  # the scan direction of this layer (layout.PATTERNS)
     self.skip_fusion = SkipFusion(dim, dtype=dtype, rngs=rngs) if is_decoder else None
     self.norm = RMSNorm(dim, rngs=rngs)
-    self.mixer = MambaMixer(dim, num_layers=num_layers, dtype=dtype, rngs=rngs, **mixer_kwargs)
+    self.mixer = MambaMixer(
+      dim,
+      num_layers=num_layers,
+      d_state=d_state,
+      d_conv=d_conv,
+      expand=expand,
+      scan=scan,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.table = nnx.Param(
       jax.random.normal(rngs.params(), (3, dim), jnp.float32) / dim**0.5,
       out_sharding=(None, "embed"),
@@ -157,7 +170,7 @@ class DiM(nnx.Module):
     expand: int = 2,
     pad_layout: str = "lateral",
     scan_directions: int = 4,
-    scan_impl: str = "associative",
+    scan: ScanConfig = ScanConfig(),
     remat: str = "none",
     dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -174,7 +187,8 @@ class DiM(nnx.Module):
     self.in_channels, self.patch_size, self.width = in_channels, patch_size, width
     self.num_classes = num_classes
     self.pad_layout = pad_layout
-    block_caller(remat)  # a bad name fails here, before any parameter is made
+    block_caller(remat)  # bad names fail here, before any parameter is made
+    resolve_impl(scan.impl)
     self.remat = remat
     self.dtype = dtype
     self.grid_size = input_size // patch_size  # the grid the position table is stored at
@@ -212,7 +226,6 @@ class DiM(nnx.Module):
     )
     schedule = layout.scan_schedule(depth, scan_directions)
     num_encoder = (depth - 1) // 2
-    mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, scan_impl=scan_impl)
     self.blocks = nnx.List(
       [
         DiMBlock(
@@ -220,7 +233,10 @@ class DiM(nnx.Module):
           pattern=schedule[i],
           is_decoder=i > num_encoder,
           num_layers=depth,
-          mixer_kwargs=mixer_kwargs,
+          d_state=d_state,
+          d_conv=d_conv,
+          expand=expand,
+          scan=scan,
           dtype=dtype,
           rngs=rngs,
         )

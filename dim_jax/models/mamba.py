@@ -18,7 +18,7 @@ from flax import nnx
 
 from dim_jax import parallel
 from dim_jax.models.layers import linear, torch_default_bias_init, torch_default_init, uniform_init
-from dim_jax.ops.scan import selective_scan
+from dim_jax.ops.scan import ScanConfig, selective_scan
 
 
 def _dt_bias_init(dt_min: float, dt_max: float, dt_floor: float):
@@ -83,14 +83,14 @@ class MambaMixer(nnx.Module):
     dt_min: float = 1e-3,
     dt_max: float = 1e-1,
     dt_floor: float = 1e-4,
-    scan_impl: str = "associative",
+    scan: ScanConfig = ScanConfig(),
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
     inner = expand * dim
     self.inner, self.d_state, self.d_conv = inner, d_state, d_conv
     self.dt_rank = math.ceil(dim / 16)
-    self.scan_impl = scan_impl
+    self.scan = scan
     self.dtype = dtype
     self.in_proj = linear(
       dim, 2 * inner, axes=("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs
@@ -141,6 +141,6 @@ class MambaMixer(nnx.Module):
       delta_bias=self.dt_proj.bias[...],
       delta_softplus=True,
       z=z,
-      impl=self.scan_impl,
+      config=self.scan,
     )  # (B, L, E), x_in's dtype
     return self.out_proj(y)

@@ -1,1 +1,5 @@
+"""Operations the models are built from: the selective scan (`scan/`) and the token layout."""
 
+from dim_jax.ops.scan import ScanConfig, selective_scan
+
+__all__ = ["ScanConfig", "selective_scan"]

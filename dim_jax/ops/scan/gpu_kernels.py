@@ -1,33 +1,31 @@
-"""Pallas kernels of `impl="pallas_lanes"`: the selective scan with lanes = channels.
+"""Pallas-Triton kernels of `impl="pallas_gpu"`: the selective scan with lanes = channels.
 
-Design (`.notes/scan.md`, "What would close the gap", item 1). One program owns one sample, one
-segment of time and `block_d` channels; every tensor in the kernel is a (block_d,) vector over
-channels, so a GPU lane owns whole channels: the per-(t, d) work (softplus, SiLU, converts, stores)
-is done once per channel, not once per (channel, state), and y's sum over the N states stays inside
-the lane. The state is N separate (block_d,) float32 vectors (a Python list unrolled at trace
-time), so the N recurrences of a channel are N independent multiply-add chains. B[t, n] and
-C[t, n] are the same for every channel: a chunk's values are gathered one per lane and each is
-broadcast to the warp by one shuffle where it is used (`Loader`), which keeps them out of the
-registers.
+One program owns one sample, one segment of time and `block_d` channels; every tensor in the kernel
+is a (block_d,) vector over channels, so a GPU lane owns whole channels: the per-(t, d) work
+(softplus, SiLU, converts, stores) is done once per channel, not once per (channel, state), and y's
+sum over the N states stays inside the lane. The state is N separate (block_d,) float32 vectors (a
+Python list unrolled at trace time), so the N recurrences of a channel are N independent
+multiply-add chains. B[t, n] and C[t, n] are the same for every channel: a chunk's values are
+gathered one per lane and each is broadcast to the warp by one shuffle where it is used (`Loader`),
+which keeps them out of the registers.
 
-Time is walked in chunks of `chunk` steps unrolled at trace time (`chunk_loop`, shared with v1);
-each chunk body is written in phases (loads, softplus, exps, the serial chains, outputs) so the
-independent work of the chunk's steps sits side by side for the in-order issue.
+Time is walked in chunks of `chunk` steps unrolled at trace time (`chunk_loop`); each chunk body is
+written in phases (loads, softplus, exps, the serial chains, outputs) so that the independent work
+of the chunk's steps sits side by side for the GPU's in-order issue.
 
 Segments: a program walks `seg_len` steps starting from a given state (zero, or the true state at
 the segment start computed from `segment_end_kernel`'s results), so a long sequence can be split
 over S programs per channel block. The backward mirrors it: a program starts its reverse walk from
 a given adjoint (zero, or the one flowing in from later segments, from `segment_adjoint_kernel`).
 
-GPU fast paths (`fast_exp`, `fast_act`, `lane_reduce`; `native` False: the interpreter runs the
-same maths in plain jnp):
+On the GPU (`native`; else the interpreter runs the same maths in plain jnp):
   * exponentials as one `ex2.approx.ftz` instruction each (`fast_exp2`); softplus and sigmoid
     from ex2, lg2 and rcp (`activation_softplus`, `activation_sigmoid`); multiply-adds as `fma.rn`
     (XLA's Triton build leaves them unfused);
   * the backward's sums over channels (dB, dC: 2N per step) as one butterfly over the warp that
     returns all 2N sums in one vector (`lane_sums`) and is stored as one row, instead of 2N
     separate five-level shuffle trees and 2N scalar stores. This needs one channel per lane
-    (block_d = 32 x num_warps), so that element i of a (block_d,) vector sits in lane i % 32.
+    (the backward's block_d = 32), so that element i of a (block_d,) vector sits in lane i % 32.
 
 Refs carry the batch, segment and channel-block dimensions squeezed: rows are `ref[t]` (block_d,),
 B and C are flat (seg_len·N,), Aᵀ·log2(e) is (N, block_d).
@@ -38,10 +36,53 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
-from dim_jax.ops.scan_pallas_kernels import LN_2, LOG2_E, chunk_loop, sigmoid, stable_softplus
-
 F32 = jnp.float32
 LANES = 32  # threads of a warp
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x log2 e): the GPU's exponential unit computes 2^x
+LN_2 = 0.6931471805599453
+
+
+def chunk_loop(length, chunk, reverse, prefetch, load_rows, body, carry):
+  """Runs `body(index, start, count, rows, carry) -> carry` over chunks of time.
+
+  Full chunks go through a `fori_loop` (forward or reverse order); with `prefetch` its carry holds
+  the rows of the chunk it computes next (loaded one iteration ahead: latency hidden, registers
+  spent), else each iteration loads its own rows first. A shorter last chunk (length % chunk
+  steps) runs unrolled, after the full chunks in forward order and before them in reverse order.
+  """
+  num_full, tail = divmod(length, chunk)
+
+  def run_full(carry):
+    if num_full == 0:
+      return carry
+    first = num_full - 1 if reverse else 0
+
+    def step_loading(i, carry):
+      c = num_full - 1 - i if reverse else i
+      return body(c, c * chunk, chunk, load_rows(c * chunk, chunk), carry)
+
+    if not prefetch:
+      return jax.lax.fori_loop(0, num_full, step_loading, carry)
+
+    def step(i, state):
+      carry, rows = state
+      c = num_full - 1 - i if reverse else i
+      nxt = jnp.maximum(c - 1, 0) if reverse else jnp.minimum(c + 1, num_full - 1)
+      next_rows = load_rows(nxt * chunk, chunk)  # issued before this chunk's arithmetic
+      return body(c, c * chunk, chunk, rows, carry), next_rows
+
+    carry, _ = jax.lax.fori_loop(0, num_full, step, (carry, load_rows(first * chunk, chunk)))
+    return carry
+
+  def run_tail(carry):
+    if tail == 0:
+      return carry
+    start = num_full * chunk
+    return body(num_full, start, tail, load_rows(start, tail), carry)
+
+  if reverse:
+    return run_full(run_tail(carry))
+  return run_tail(run_full(carry))
 
 
 def _inline_ptx(asm, x):
@@ -64,21 +105,17 @@ def _approx(op, x, ptx, exact):
   return _inline_ptx(f"{op}.approx.ftz.f32 $0, $1;", x) if ptx else exact(x)
 
 
-def activation_sigmoid(x, fast, ptx):
-  """1 / (1 + e^-x); `fast`: one ex2 and one rcp (libdevice: an exp with range reduction and a
-  full division, ~20 instructions)."""
-  if not fast:
-    return sigmoid(x)
+def activation_sigmoid(x, ptx):
+  """1 / (1 + e^-x) from one ex2 and one rcp (libdevice: an exp with range reduction and a full
+  division, ~20 instructions)."""
   e = _approx("ex2", x * -LOG2_E, ptx, jnp.exp2)
   return _approx("rcp", 1.0 + e, ptx, lambda v: 1.0 / v)
 
 
-def activation_softplus(x, fast, ptx):
-  """log(1 + e^x) = max(x, 0) + log1p(e), e = e^-|x|. `fast`: log1p from one ex2 and one lg2
+def activation_softplus(x, ptx):
+  """log(1 + e^x) = max(x, 0) + log1p(e), e = e^-|x|, with log1p from one ex2 and one lg2
   (libdevice's log1p is a ~15-term polynomial). u = 1 + e rounds: log1p(e) = log(u) - ((u - 1) -
   e) puts the rounding back; below e = 2^-10, e (1 - e/2) is exact to 2^-32."""
-  if not fast:
-    return stable_softplus(x)
   e = _approx("ex2", -jnp.abs(x) * LOG2_E, ptx, jnp.exp2)
   u = 1.0 + e
   log1p = _approx("lg2", u, ptx, jnp.log2) * LN_2 - ((u - 1.0) - e)
@@ -136,7 +173,7 @@ def lane_broadcast(x, lane, native):
 
 def fma(a, b, c, native):
   """a·b + c in one rounding on the GPU: the Triton build XLA uses leaves a multiply and an add
-  unfused (ncu: 263 M unfused against 45 M fused FP32 instructions in the forward)."""
+  unfused (a profile of the forward counted 6x more unfused than fused FP32 instructions)."""
   if not native:
     return a * b + c
   shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
@@ -153,8 +190,7 @@ class Loader:
 
   The B/C values of a chunk are gathered once, one value per lane (count·N / 32 vectors), and
   each is broadcast from its lane at use (`lane_broadcast`): 2 registers per lane instead of the
-  2·N·count that scalar loads held, and no per-value global load for the step to wait on
-  (H200, 366 x 3072, batch 64: 244 -> 168 registers, forward 1.25 -> 1.08 ms)."""
+  2·N·count that scalar loads held, and no per-value global load for the step to wait on."""
 
   def __init__(self, row_refs, scalar_refs, state, native):
     self.row_refs, self.scalar_refs, self.state, self.native = row_refs, scalar_refs, state, native
@@ -200,13 +236,13 @@ class Loader:
     return chunk_loop(length, chunk, reverse, prefetch, load_rows, run, carry)
 
 
-def _deltas(pres, softplus, fast_act, ptx):
-  return [activation_softplus(p, fast_act, ptx) if softplus else p for p in pres]
+def _deltas(pres, softplus, native):
+  return [activation_softplus(p, native) if softplus else p for p in pres]
 
 
-def _decays(dts, a2, fast_exp):
+def _decays(dts, a2, native):
   """exp(Δ_t A_n) = exp2(Δ_t · A_n log2 e): per step a list of N (block_d,) vectors."""
-  return [[fast_exp2(dt * a, fast_exp) for a in a2] for dt in dts]
+  return [[fast_exp2(dt * a, native) for a in a2] for dt in dts]
 
 
 def _store_state(ref, row, h):
@@ -214,10 +250,10 @@ def _store_state(ref, row, h):
     ref[row, n] = h_n
 
 
-def _advance(steps, h, a2, bias, softplus, fast_exp, native, fast_act):
+def _advance(steps, h, a2, bias, softplus, native):
   """The state after the steps (rows u, δ and N values of B each) from h; also their Δs."""
-  dts = _deltas([s[1] + bias for s in steps], softplus, fast_act, fast_exp)
-  decays = _decays(dts, a2, fast_exp)
+  dts = _deltas([s[1] + bias for s in steps], softplus, native)
+  decays = _decays(dts, a2, native)
   h = list(h)
   for i, step in enumerate(steps):
     du = dts[i] * step[0]
@@ -242,10 +278,7 @@ def saved_state_groups(seg_len, chunk, save_every, reverse, loader, body, carry,
   return chunk_loop(seg_len, group, reverse, False, lambda s, c: None, group_body, carry)
 
 
-def forward_kernel(
-  *refs, seg_len, chunk, softplus, has_z, prefetch, fast_exp, save_every, native, fast_act,
-  keep_states,
-):  # fmt: skip
+def forward_kernel(*refs, seg_len, chunk, softplus, has_z, save_every, native, keep_states):
   """Refs: u, δ, [z] (L_s, bd); B, C (L_s·N,); Aᵀ·log2 e (N, bd); D, bias (bd,); h0 (N, bd), the
   state entering the segment. Outputs: y (L_s, bd); the state entering each chunk (L_s/chunk, N,
   bd), which the backward restarts from, or with `save_every` = m > 1 only the state entering
@@ -265,9 +298,9 @@ def forward_kernel(
       _store_state(s_ref, index, h)
     us = [s[0] for s in steps]
     bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]  # count x N values
-    dts = _deltas([s[1] + bias for s in steps], softplus, fast_act, fast_exp)
+    dts = _deltas([s[1] + bias for s in steps], softplus, native)
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
-    decays = _decays(dts, a2, fast_exp)
+    decays = _decays(dts, a2, native)
     h, ys = list(h), []
     for i in range(count):  # the only serial part: N independent chains through the chunk
       y = d_skip * us[i]
@@ -279,19 +312,19 @@ def forward_kernel(
       y = ys[i]
       if has_z:
         z = steps[i][2]
-        y = y * z * activation_sigmoid(z, fast_act, fast_exp)
+        y = y * z * activation_sigmoid(z, native)
       y_ref[start + i] = y.astype(y_ref.dtype)
     return h
 
   h0 = [h0_ref[n] for n in range(state)]
   loader = Loader(row_refs, (b_ref, c_ref), state, native)
   if not keep_states:
-    h = loader.walk(seg_len, chunk, False, prefetch, body, h0)
+    h = loader.walk(seg_len, chunk, False, True, body, h0)
     for n in range(state):
       s_ref[n] = h[n]
     return
   if save_every == 1:
-    loader.walk(seg_len, chunk, False, prefetch, body, h0)
+    loader.walk(seg_len, chunk, False, True, body, h0)
     return
 
   def save(g, start, h):
@@ -302,8 +335,9 @@ def forward_kernel(
   saved_state_groups(seg_len, chunk, save_every, False, loader, body, h0, save)
 
 
-def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *, seg_len, chunk,
-                       softplus, fast_exp, native, fast_act):  # fmt: skip
+def segment_end_kernel(
+  u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *, seg_len, chunk, softplus, native
+):  # fmt: skip
   """A segment walked from a zero state. Refs: u, δ (L_s, bd); B (L_s·N,); Aᵀ·log2 e (N, bd);
   bias (bd,). Outputs: the segment's end state (N, bd) and ΣΔ over the segment (bd,), from which
   the caller forms the segment's total decay exp(A ΣΔ)."""
@@ -313,7 +347,7 @@ def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *,
 
   def body(index, start, count, steps, carry):
     del index, start, count
-    h, dts = _advance(steps, carry[0], a2, bias, softplus, fast_exp, native, fast_act)
+    h, dts = _advance(steps, carry[0], a2, bias, softplus, native)
     return h, carry[1] + sum(dts)
 
   zeros = jnp.zeros(bias.shape, F32)
@@ -324,27 +358,21 @@ def segment_end_kernel(u_ref, dt_ref, b_ref, a_ref, bias_ref, h_ref, sum_ref, *,
   sum_ref[...] = dt_sum
 
 
-def _store_channel_sums(ref, t, terms, lane_reduce, native):
-  """Row t of `ref` <- the sums over this block's channels of the (bd,) vectors `terms` (see
-  `backward_kernel` for the two layouts)."""
-  if not lane_reduce:
-    for k, term in enumerate(terms):
-      ref[t, k] = jnp.sum(term)
-    return
+def _store_channel_sums(ref, t, terms, native):
+  """Row t of `ref` (G, 32) <- the sums over the warp's channels of the (32,) vectors `terms`,
+  zero-padded to G·32: element l of row g holds the sum of terms[32·g + l]."""
   zeros = jnp.zeros_like(terms[0])
   for g in range(ref.shape[1]):
     group = terms[g * LANES : (g + 1) * LANES]
     ref[t, g] = lane_sums(group + [zeros] * (LANES - len(group)), native)
 
 
-def _gated_cotangent(g, z, fast_act, ptx):
+def _gated_cotangent(g, z, native):
   """d loss / d y before the gate: g ⊙ SiLU(z)."""
-  return g * z * activation_sigmoid(z, fast_act, ptx)
+  return g * z * activation_sigmoid(z, native)
 
 
-def segment_adjoint_kernel(
-  *refs, seg_len, chunk, softplus, has_z, fast_exp, native, fast_act
-):  # fmt: skip
+def segment_adjoint_kernel(*refs, seg_len, chunk, softplus, has_z, native):
   """A segment's adjoint walked in reverse from zero at its end. Refs: δ, g, [z] (L_s, bd);
   C (L_s·N,); Aᵀ·log2 e (N, bd); bias (bd,). Output: d loss / d(state before the segment)
   from this segment's outputs alone (N, bd)."""
@@ -358,9 +386,9 @@ def segment_adjoint_kernel(
 
   def body(index, start, count, steps, dh):
     del index, start
-    dts = _deltas([s[0] + bias for s in steps], softplus, fast_act, fast_exp)
-    decays = _decays(dts, a2, fast_exp)
-    gys = [_gated_cotangent(s[1], s[2], fast_act, fast_exp) if has_z else s[1] for s in steps]
+    dts = _deltas([s[0] + bias for s in steps], softplus, native)
+    decays = _decays(dts, a2, native)
+    gys = [_gated_cotangent(s[1], s[2], native) if has_z else s[1] for s in steps]
     dh = list(dh)
     for i in reversed(range(count)):
       for n in range(state):
@@ -374,19 +402,16 @@ def segment_adjoint_kernel(
     dh_ref[n] = dh[n]
 
 
-def backward_kernel(
-  *refs, seg_len, chunk, softplus, has_z, fast_exp, lane_reduce, native, save_every, fast_act
-):  # fmt: skip
+def backward_kernel(*refs, seg_len, chunk, softplus, has_z, native, save_every):
   """Refs: u, δ, [z], g (L_s, bd); B, C (L_s·N,); Aᵀ·log2 e (N, bd); D, bias (bd,); the states
   entering each chunk (L_s/chunk, N, bd); the adjoint entering the segment's end (N, bd).
   Outputs: du, dδ, [dz] (L_s, bd); this block's partial sums of [dB | dC] per step; this program's
   partial dAᵀ (N, bd), dD, dbias (bd,).
 
   Per chunk: reload its start state, recompute decays and states in registers, then run the
-  adjoint dh_t = C_t gy_t + exp(Δ_{t+1} A) dh_{t+1} backwards. dB and dC sum over channels. With
-  `lane_reduce` the 2N sums of a step (zero-padded to G·32) go through `lane_sums`, one (bd,) row
-  per group of 32: the output is (L_s, G, bd), lane l of warp w holding warp w's sum of value
-  32·g + l. Without it, one jnp.sum per value, stored as a scalar: the output is (L_s, 2N).
+  adjoint dh_t = C_t gy_t + exp(Δ_{t+1} A) dh_{t+1} backwards. dB and dC sum over channels: the
+  2N sums of a step (zero-padded to G·32) go through `lane_sums`, one row of 32 per group, so the
+  output is (L_s, G, 32), lane l of row g holding the sum of value 32·g + l.
 
   With `save_every` = m > 1 the forward saved one state per group of m chunks: entering a group
   (in reverse), the kernel first walks the group forward from its saved state and writes the
@@ -411,9 +436,9 @@ def backward_kernel(
     us, gs = [s[0] for s in steps], [s[2] for s in steps]
     bs, cs = [s[-2] for s in steps], [s[-1] for s in steps]
     pres = [s[1] + bias for s in steps]
-    dts = _deltas(pres, softplus, fast_act, fast_exp)
+    dts = _deltas(pres, softplus, native)
     dus = [dt * u for dt, u in zip(dts, us, strict=True)]
-    decays = _decays(dts, a2, fast_exp)
+    decays = _decays(dts, a2, native)
     # Recompute the chunk's states from its saved start state: states[i + 1] is h after step i.
     states = [[starts_ref[index, n] for n in range(state)]]
     for i in range(count):
@@ -423,7 +448,7 @@ def backward_kernel(
     gys = []
     for i in range(count):
       if has_z:
-        z, sig = steps[i][3], activation_sigmoid(steps[i][3], fast_act, fast_exp)
+        z, sig = steps[i][3], activation_sigmoid(steps[i][3], native)
         y = d_skip * us[i]
         for n in range(state):
           y = fma(cs[i][n], states[i + 1][n], y, native)  # output before the gate
@@ -445,10 +470,10 @@ def backward_kernel(
         d_log2 = fma(d_log_decay, a2[n], d_log2, native)
         dh_b = fma(dh[n], bs[i][n], dh_b, native)
         dh[n] = dh[n] * decays[i][n]  # carried to h_{t-1}
-      _store_channel_sums(dbc_ref, t, db_terms + dc_terms, lane_reduce, native)
+      _store_channel_sums(dbc_ref, t, db_terms + dc_terms, native)
       d_dt = d_log2 * LN_2 + us[i] * dh_b
       du_ref[t] = (dts[i] * dh_b + d_skip * gys[i]).astype(du_ref.dtype)
-      d_pre = d_dt * activation_sigmoid(pres[i], fast_act, fast_exp) if softplus else d_dt
+      d_pre = d_dt * activation_sigmoid(pres[i], native) if softplus else d_dt
       ddt_ref[t] = d_pre.astype(ddt_ref.dtype)
       d_d = d_d + gys[i] * us[i]
       d_bias = d_bias + d_pre
@@ -466,7 +491,7 @@ def backward_kernel(
       def advance(index, step, count, steps, h):
         del step, count
         _store_state(starts_ref, index, h)
-        return _advance(steps, h, a2, bias, softplus, fast_exp, native, fast_act)[0]
+        return _advance(steps, h, a2, bias, softplus, native)[0]
 
       h = [s_ref[g, n] for n in range(state)]
       state_loader.walk(save_every * chunk, chunk, False, False, advance, h, offset=start)
