@@ -39,10 +39,9 @@ from flax import nnx
 
 from benchmarks import results
 from dim_jax.configs import common
-from dim_jax.models import create_model, dim_preset, mamba
+from dim_jax.models import create_model, dim_preset, layout, mamba
 from dim_jax.models.dit import dit_preset
 from dim_jax.models.flops import dim_flops, dim_sequence_length, dit_flops
-from dim_jax.ops import layout
 
 MODELS = {
   "dim-H": ("dim", "H/2"),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dim_jax.ops import layout
+from dim_jax.models import layout
 
 # The official per-layer pattern lists (reference notes §1.4), written out by hand.
 OFFICIAL_49 = [0] + [-2, 1, -1, 0] * 6 + [-1, 1, -2, 0] * 6

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dim_jax import parallel
+from dim_jax.models import layout
 from dim_jax.models.layers import (
   RMSNorm,
   block_caller,
@@ -29,7 +30,6 @@ from dim_jax.models.layers import (
   unpatchify,
 )
 from dim_jax.models.mamba import MambaMixer
-from dim_jax.ops import layout
 from dim_jax.ops.scan import ScanConfig, resolve_impl
 
 NUM_PREFIX = 2 + layout.NUM_PAD  # [t_tok, y_tok, sep_1, sep_2, sep_3]: never permuted

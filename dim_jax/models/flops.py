@@ -18,9 +18,9 @@ DiM's blocks run over the padded sequence (reference notes §1.5): 5 prefix toke
 import dataclasses
 import math
 
+from dim_jax.models import layout
 from dim_jax.models.dim import ADALN_FREQ_DIM, NUM_PREFIX
 from dim_jax.models.dit import FREQ_DIM, MLP_RATIO
-from dim_jax.ops import layout
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Operations the models are built from: the selective scan (`scan/`) and the token layout."""
+"""Operations the models are built from: the selective scan (`scan/`)."""
 
 from dim_jax.ops.scan import ScanConfig, selective_scan
 

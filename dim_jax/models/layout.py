@@ -24,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 NUM_PAD = 3  # pads per row / column end; equals the Mamba conv kernel size (d_conv = 3).
 RASTER, REVERSE_RASTER, COLUMN, REVERSE_COLUMN = 0, -2, 1, -1
@@ -105,10 +106,8 @@ def unpad_tokens(x: jax.Array, h: int, w: int) -> jax.Array:
 
 def raster_to_pattern(x: jax.Array, pattern: int, grid: tuple[int, int]) -> jax.Array:
   """Reorders (B, Hp*Wp, D) tokens from raster order into `pattern` order."""
-  batch, length, dim = x.shape
-  hp, wp = grid
   if pattern in (COLUMN, REVERSE_COLUMN):
-    x = x.reshape(batch, hp, wp, dim).swapaxes(1, 2).reshape(batch, length, dim)
+    x = rearrange(x, "b (h w) d -> b (w h) d", h=grid[0])
   if pattern in (REVERSE_RASTER, REVERSE_COLUMN):
     x = jnp.flip(x, axis=1)
   return x
@@ -116,12 +115,10 @@ def raster_to_pattern(x: jax.Array, pattern: int, grid: tuple[int, int]) -> jax.
 
 def pattern_to_raster(x: jax.Array, pattern: int, grid: tuple[int, int]) -> jax.Array:
   """Inverse of `raster_to_pattern`."""
-  batch, length, dim = x.shape
-  hp, wp = grid
   if pattern in (REVERSE_RASTER, REVERSE_COLUMN):
     x = jnp.flip(x, axis=1)
   if pattern in (COLUMN, REVERSE_COLUMN):
-    x = x.reshape(batch, wp, hp, dim).swapaxes(1, 2).reshape(batch, length, dim)
+    x = rearrange(x, "b (w h) d -> b (h w) d", h=grid[0])
   return x
 
 
