@@ -8,7 +8,7 @@ def guided_eps(denoise_fn, x, t_net, labels, *, guidance_scale: float, null_labe
 
   x (B, H, W, C), t_net (B,), labels (B,) -> ε (B, H, W, C). w = guidance_scale, a Python float.
   The official DiM / U-ViT code writes ε_c + s (ε_c - ε_u) with two separate passes
-  (reference/dim-paper-and-code.md §3.2), the same thing with w = 1 + s: their s = 0.4 at 256² is
+  (`eval_ldm_discrete.py`), the same thing with w = 1 + s: their s = 0.4 at 256² is
   w = 1.4 here. w = 1 is the conditional model alone: no unconditional pass is made at all.
   """
   if guidance_scale == 1.0:

@@ -9,7 +9,7 @@ def training_loss(denoise_fn, schedule, x0, labels, rng, *, p_uncond: float, nul
 
   y' = y, or the null label with probability p_uncond.
 
-  The times are the paper's (reference/dim-paper-and-code.md §3.1, §3.3): n ~ U{1..N} for the
+  The times are the official code's (`train_ldm_discrete.py`, `sde.py`): n ~ U{1..N} for the
   discrete schedule, t ~ U(0, 1) for the VP-SDE; the network sees `schedule.network_time(t)`.
   Labels dropped to `null_label` train the unconditional model of classifier-free guidance
   (Ho & Salimans 2022). The loss is the mean over all elements (the official `mos`, then mean).

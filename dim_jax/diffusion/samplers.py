@@ -2,7 +2,7 @@
 (two under upsample guidance: one per resolution, `upsample.py`).
 
 `steps` is the number of ε evaluations (NFE) for every sampler, so samplers compare at equal cost.
-Each keeps its paper's time grid (reference/dim-paper-and-code.md §3.2, §3.3):
+Each keeps its paper's time grid (as the official DiM / U-ViT samplers use them):
 
   ddpm              ancestral sampling (Ho et al. 2020, eq. 6-7: the posterior q(x_s | x_t, x̂0),
                     variance β̃) on t_i = 1 - i/steps, ending at t = 0 (x0); with the discrete

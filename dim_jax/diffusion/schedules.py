@@ -2,7 +2,7 @@
 
 Both are variance preserving, x_t = α_t x0 + σ_t ε with α_t² + σ_t² = 1, on t in [0, 1], in the
 form of DPM-Solver's `NoiseScheduleVP` (Lu et al. 2022, §3 and App. D), which the official DiM
-sampler uses (reference/dim-paper-and-code.md §3.2):
+sampler uses (U-ViT's `dpm_solver_pp.py`):
 
   discrete  DDPM with N steps and Stable Diffusion's scaled-linear betas (§3.1),
             β_n = (√β_start + (n-1)/(N-1) (√β_end - √β_start))², ᾱ_n = Π_{k<=n} (1 - β_k).

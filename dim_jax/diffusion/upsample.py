@@ -2,7 +2,7 @@
 
 A model trained at side S samples at side m·S; in the first part of the reverse trajectory a
 low-resolution pass steers the coarse content of ε̂, as DiM does for 1024² and 1536² from its 512²
-fine-tune (reference/dim-paper-and-code.md §3.4; official `upsample_guidance.py:make_ufg_nnet`).
+fine-tune (official `eval_ldm_discrete.py:sample_z` and `upsample_guidance.py:make_ufg_nnet`).
 With D the m x m average pool and U the nearest-neighbour upsampling (D∘U = id):
 
   x_t = α_t x0 + σ_t ε      ->  D(x_t) = α_t D(x0) + (σ_t/m) ε',  ε' = m D(ε) ~ N(0, I),

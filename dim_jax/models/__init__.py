@@ -12,7 +12,7 @@ from dim_jax.ops.scan import ScanConfig
 # (parallel.py), so NNX must not try to shard them eagerly at creation (it would need a mesh).
 flax.config.update("flax_always_shard_variable", False)
 
-# DiM presets (reference notes §2): width, depth; "/2" is the patch size.
+# DiM presets (the official configs): width, depth; "/2" is the patch size.
 DIM_VARIANTS = {"S": (512, 25), "L": (1024, 49), "H": (1536, 49)}
 
 

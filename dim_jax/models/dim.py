@@ -1,6 +1,6 @@
 """The DiM backbone (Teng et al., arXiv 2405.14224), exactly as the official code builds it.
 
-Forward pass (reference notes §1.11), for x_t (B, H, W, C), t (B,), y (B,):
+Forward pass (official `mamba_2d.py`, `adapter_attn4mamba.py`) for x_t (B, H, W, C), t (B,), y (B,):
 
   patch-2 conv embed -> + position embedding (bilinearly resized to any grid) -> DW-conv 3x3
   -> pad each row / column end with 3 learnable tokens -> prepend [t_tok, y_tok, 3 separators]

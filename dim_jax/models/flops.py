@@ -11,7 +11,7 @@ counted. Work is split so that each part can be set against its own bound:
   exps       the scan's exp(Δ·A), one per (token, channel, state), counted apart (special-function
              units, not FMA units)
 
-DiM's blocks run over the padded sequence (reference notes §1.5): 5 prefix tokens plus the
+DiM's blocks run over the padded sequence (`layout.py`): 5 prefix tokens plus the
 (h + 3) x (w + 3) grid, 366 / 1230 / 4494 / 9806 tokens at 256² / 512² / 1024² / 1536² latents.
 """
 
@@ -59,7 +59,7 @@ def dim_flops(
   d_conv: int = 3,
   expand: int = 2,
 ) -> FlopCount:
-  """DiM forward FLOPs per image for an (h, w) patch grid (architecture: reference notes §1)."""
+  """DiM forward FLOPs per image for an (h, w) patch grid (the architecture of `dim.py`)."""
   d, n = width, d_state
   inner, dt_rank = expand * d, math.ceil(d / 16)
   tokens = math.prod(grid)  # image tokens
@@ -84,8 +84,7 @@ def dim_flops(
 
 def dim_paper_gmacs(*, width: int, depth: int, grid: tuple[int, int], expand: int = 2) -> float:
   """DiM's published "GFLOPs" (210 for DiM-H at 256², 708 at 512²), which are GMACs of in_proj
-  and the skip linears only: what fvcore counts when Mamba's fused kernel is opaque to it
-  (reference notes §2)."""
+  and the skip linears only: what fvcore counts when Mamba's fused kernel is opaque to it."""
   length = dim_sequence_length(grid)
   num_decoder = (depth - 1) // 2
   return (depth * length * width * 2 * expand * width + num_decoder * length * 2 * width**2) / 1e9

@@ -1,8 +1,8 @@
 """Small building blocks shared by the backbones: initialisers, embeddings, sharded layers.
 
 Initialisers follow what the official PyTorch code ends up with after its init passes
-(reference notes §1.10): PyTorch's default kaiming-uniform(a=√5) for Linear and Conv weights, i.e.
-U(±1/√fan_in); zero Linear biases; N(0, 0.02) embedding tables.
+(`init_weights.py`, `utils.py:get_nnet`): PyTorch's default kaiming-uniform(a=√5) for Linear and
+Conv weights, i.e. U(±1/√fan_in); zero Linear biases; N(0, 0.02) embedding tables.
 """
 
 import math

@@ -5,9 +5,10 @@ x_in -> causal depth-wise conv1d (kernel 3) -> SiLU -> x_proj -> (dt_low, B, C)
 dt = dt_proj(dt_low) (bias applied inside the scan), y = selective_scan(x_in, dt, A, B, C, D, z)
 out = out_proj(y) (B, L, D)
 
-Initialisation as `mamba_ssm/modules/mamba_simple.py` plus DiM's model-level pass (reference
-§1.2, §1.10): dt bias = softplus⁻¹ of a log-uniform draw in [dt_min, dt_max] (never overwritten by
-a generic init), A = -exp(A_log) with A_log = log(1..N), D = 1, out_proj rescaled by 1/√num_layers.
+Initialisation as `mamba_ssm/modules/mamba_simple.py` plus DiM's model-level pass
+(`init_weights.py`): dt bias = softplus⁻¹ of a log-uniform draw in [dt_min, dt_max] (never
+overwritten by a generic init), A = -exp(A_log) with A_log = log(1..N), D = 1, out_proj rescaled by
+1/√num_layers.
 """
 
 import math
