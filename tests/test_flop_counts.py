@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dim_jax.models import mamba
 from dim_jax.models.dim import DiM
 from dim_jax.models.dit import DiT
 from dim_jax.models.flops import dim_flops, dim_paper_gmacs, dim_sequence_length, dit_flops
+from dim_jax.ops import ScanConfig
 
 
 def _rng():
@@ -90,14 +90,13 @@ def test_dit_presets_match_published_gflops(width, depth, published):
   assert abs(got - published) / published < 0.005, f"DiT D={width}: {got:.2f} vs {published}"
 
 
-def test_dim_count_equals_the_traced_program(monkeypatch):
+def test_dim_count_equals_the_traced_program():
   """Every dense matmul and conv of a random small DiM, counted from its jaxpr.
 
-  The selective scan is replaced by a pass-through, so that what remains are the layers counted
-  as `matmul` and `conv` (the scan's own work is the separate `scan` entry).
+  The selective scan is a pass-through passed as its impl, so that what remains are the layers
+  counted as `matmul` and `conv` (the scan's own work is the separate `scan` entry).
   """
   rng, seed = _rng()
-  monkeypatch.setattr(mamba, "selective_scan", lambda u, *args, **kwargs: u)
   arch = dict(
     width=8 * int(rng.integers(2, 9)),
     depth=int(rng.choice([3, 5])),
@@ -106,8 +105,10 @@ def test_dim_count_equals_the_traced_program(monkeypatch):
     d_state=int(rng.integers(1, 9)),
   )
   grid = int(rng.integers(2, 6))
+  pass_through = ScanConfig(impl=lambda u, *args, **kwargs: u)
   model = DiM(
-    input_size=grid * arch["patch_size"], num_classes=3, rngs=nnx.Rngs(0), **arch
+    input_size=grid * arch["patch_size"], num_classes=3, scan=pass_through, rngs=nnx.Rngs(0),
+    **arch,
   )  # fmt: skip
   traced = _traced_flops_per_image(model, grid * arch["patch_size"], arch["in_channels"])
   count = dim_flops(grid=(grid, grid), **arch)

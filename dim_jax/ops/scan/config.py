@@ -1,6 +1,7 @@
 """`ScanConfig`: how `selective_scan` runs, typed; built from the `model.scan` config block."""
 
 import dataclasses
+from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -9,7 +10,7 @@ class ScanConfig:
 
   configs/common.py (`model.scan`) documents each field; 0 means "the implementation's own"."""
 
-  impl: str = "auto"
+  impl: str | Callable = "auto"  # or a stand-in with selective_scan's signature (benchmarks)
   chunk: int = 0  # time steps per chunk: chunked 256, pallas_gpu 4
   save_every: int = 1  # pallas_gpu: chunks per state kept for the backward
   fwd_chunk: int = 0  # pallas_gpu: the forward's own chunk (a divisor of chunk x save_every)
