@@ -56,11 +56,7 @@ class KernelConfig:
   block_d: int  # channels per program, a multiple of 128
   chunk: int  # time steps per grid step, a multiple of 8
   softplus: bool
-  interpret: bool
-
-  @property
-  def unroll(self):
-    return 1 if self.interpret else UNROLL
+  interpret: bool | None  # None: the Mosaic kernel when lowering for TPU, else the interpreter
 
 
 def _softplus(x):
@@ -241,8 +237,6 @@ def vmem_bytes(cfg: KernelConfig, state: int, itemsize: int, backward: bool) -> 
 
 
 def _compiler_params(cfg, need):
-  if cfg.interpret:
-    return None
   if need > VMEM_CAPACITY - VMEM_HEADROOM:
     raise ValueError(
       f"pallas_tpu block_d={cfg.block_d}, chunk={cfg.chunk} need {need / 2**20:.1f} MiB of VMEM "
@@ -253,6 +247,25 @@ def _compiler_params(cfg, need):
     dimension_semantics=("parallel", "parallel", "arbitrary"),
     vmem_limit_bytes=need + VMEM_HEADROOM,
   )
+
+
+def _call(cfg, kernel, ins, need, name, **call):
+  """`pl.pallas_call(kernel, **call)(*ins)`: compiled by Mosaic on TPU, run by the Pallas
+  interpreter elsewhere. Unless the config forces one, the choice is made when lowering
+  (`platform_dependent`), so that lowering for TPU on a CPU host gives the Mosaic kernel."""
+
+  def build(interpret):
+    return pl.pallas_call(
+      functools.partial(kernel, unroll=1 if interpret else UNROLL),
+      compiler_params=None if interpret else _compiler_params(cfg, need),
+      interpret=interpret,
+      name=name,
+      **call,
+    )
+
+  if cfg.interpret is not None:
+    return build(cfg.interpret)(*ins)
+  return jax.lax.platform_dependent(*ins, tpu=build(False), default=build(True))
 
 
 def _forward(cfg, u, delta, bt, ct, at, d, bias, z, keep_states=True):
@@ -269,22 +282,18 @@ def _forward(cfg, u, delta, bt, ct, at, d, bias, z, keep_states=True):
     out_shape.append(jax.ShapeDtypeStruct((batch, num_chunks, state, channels), F32))
     out_specs.append(s["state"])
   bd, t = cfg.block_d, cfg.chunk
-  kernel = functools.partial(
-    _forward_kernel, chunk=t, unroll=cfg.unroll, softplus=cfg.softplus, has_z=has_z,
-    keep_states=keep_states,
-  )  # fmt: skip
   need = vmem_bytes(cfg, state, u.dtype.itemsize, backward=False)
-  outs = pl.pallas_call(
-    kernel,
+  kernel = functools.partial(
+    _forward_kernel, chunk=t, softplus=cfg.softplus, has_z=has_z, keep_states=keep_states
+  )  # fmt: skip
+  outs = _call(
+    cfg, kernel, ins, need, "selective_scan_tpu_fwd",
     out_shape=tuple(out_shape),
     grid=(batch, channels // bd, num_chunks),
     in_specs=in_specs,
     out_specs=tuple(out_specs),
     scratch_shapes=[pltpu.VMEM((state, bd), F32)] + [pltpu.VMEM((t, bd), F32)] * 3,
-    compiler_params=_compiler_params(cfg, need),
-    interpret=cfg.interpret,
-    name="selective_scan_tpu_fwd",
-  )(*ins)
+  )  # fmt: skip
   return outs if keep_states else (outs[0], None)
 
 
@@ -321,19 +330,15 @@ def _backward(cfg, res, g):
     *[pltpu.VMEM((t, bd), F32)] * 6,  # Δ, Δu, d loss/dy, C·h, d loss/d(Δu), d loss/dΔ rows
   ]
   need = vmem_bytes(cfg, state, u.dtype.itemsize, backward=True)
-  outs = pl.pallas_call(
-    functools.partial(
-      _backward_kernel, chunk=t, unroll=cfg.unroll, softplus=cfg.softplus, has_z=has_z
-    ),
+  kernel = functools.partial(_backward_kernel, chunk=t, softplus=cfg.softplus, has_z=has_z)
+  outs = _call(
+    cfg, kernel, ins, need, "selective_scan_tpu_bwd",
     out_shape=out_shape,
     grid=(batch, num_blocks, num_chunks),
     in_specs=in_specs,
     out_specs=out_specs,
     scratch_shapes=scratch,
-    compiler_params=_compiler_params(cfg, need),
-    interpret=cfg.interpret,
-    name="selective_scan_tpu_bwd",
-  )(*ins)
+  )  # fmt: skip
   du, d_delta = outs[:2]
   dz = outs[2] if has_z else None
   d_bt, d_ct, d_at, d_d, d_bias = outs[-5:]
@@ -388,8 +393,6 @@ def selective_scan_pallas_tpu(
   """
   batch, length, channels = u.shape
   state = A.shape[1]
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
   block_d = block_d or DEFAULT_BLOCK_D
   chunk = min(chunk_size or DEFAULT_CHUNK, _round_up(length, SUBLANES))
   if block_d % LANES or chunk % SUBLANES:
