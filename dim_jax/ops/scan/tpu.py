@@ -35,6 +35,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 F32 = jnp.float32
 LANES = 128
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
 SUBLANES = 8
 DEFAULT_CHUNK = 128  # steps per grid step: a (128, 256) float32 row tile is 128 KiB of VMEM
 DEFAULT_BLOCK_D = 256  # channels per program: two lane tiles; the (16, 256) state is 4 vregs
@@ -99,14 +101,14 @@ def _forward_kernel(*refs, chunk, unroll, softplus, has_z, keep_states):
   u, dt = _chunk_inputs(u_ref, delta_ref, bias_ref, softplus)
   dt_s[...] = dt
   x_s[...] = dt * u
-  a = a_ref[...]  # (N, block_d) float32
+  a2 = a_ref[...]  # (N, block_d) float32: A·log2 e
   b_tile, c_tile = b_ref[...], c_ref[...]  # (N, chunk) float32
   lane = jax.lax.broadcasted_iota(jnp.int32, b_tile.shape, 1)
 
   def step(t, h):  # h: (N, block_d)
     dt_t = dt_s[pl.ds(t, 1), :]  # (1, block_d)
     b_t, c_t = _step_column(b_tile, lane, t), _step_column(c_tile, lane, t)  # (N, 1)
-    h = jnp.exp(dt_t * a) * h + b_t * x_s[pl.ds(t, 1), :]
+    h = jnp.exp2(dt_t * a2) * h + b_t * x_s[pl.ds(t, 1), :]
     y_s[pl.ds(t, 1), :] = jnp.sum(h * c_t, axis=0, keepdims=True)
     return h
 
@@ -144,7 +146,7 @@ def _backward_kernel(*refs, chunk, unroll, softplus, has_z):
     gy_s[...] = g * (z * sig)
   else:
     gy_s[...] = g
-  a = a_ref[...]
+  a2 = a_ref[...]
   b_tile, c_tile = b_ref[...], c_ref[...]
   lane = jax.lax.broadcasted_iota(jnp.int32, b_tile.shape, 1)
 
@@ -153,7 +155,7 @@ def _backward_kernel(*refs, chunk, unroll, softplus, has_z):
 
   def forward_step(t, h):
     dt_t = dt_s[pl.ds(t, 1), :]
-    decay = jnp.exp(dt_t * a)
+    decay = jnp.exp2(dt_t * a2)
     h = decay * h + _step_column(b_tile, lane, t) * x_s[pl.ds(t, 1), :]
     decays[t] = decay
     hs[t + 1] = h
@@ -177,11 +179,11 @@ def _backward_kernel(*refs, chunk, unroll, softplus, has_z):
     d_log_decay = dh * hs[t] * decay  # d loss / d(Δ_t A)
     da = da + d_log_decay * dt_t
     s_s[pl.ds(t, 1), :] = s
-    ddt_s[pl.ds(t, 1), :] = jnp.sum(d_log_decay * a, axis=0, keepdims=True)
+    ddt_s[pl.ds(t, 1), :] = jnp.sum(d_log_decay * a2, axis=0, keepdims=True)
     return dh * decay, da, db_tile, dc_tile
 
   zeros_tile = jnp.zeros_like(b_tile)
-  carry = (dh_ref[...], jnp.zeros_like(a), zeros_tile, zeros_tile)
+  carry = (dh_ref[...], jnp.zeros_like(a2), zeros_tile, zeros_tile)
   dh, da, db_tile, dc_tile = jax.lax.fori_loop(0, chunk, backward_step, carry, unroll=unroll)
   dh_ref[...] = dh
   da_ref[...] += da
@@ -191,7 +193,7 @@ def _backward_kernel(*refs, chunk, unroll, softplus, has_z):
   gy, s = gy_s[...], s_s[...]
   d_skip = d_ref[...]
   du_ref[...] = (dt * s + gy * d_skip).astype(du_ref.dtype)
-  d_dt = ddt_s[...] + u * s
+  d_dt = ddt_s[...] * LN_2 + u * s  # Σ_n d_log_decay · A = ln 2 Σ_n d_log_decay · A log2 e
   if softplus:
     d_dt = d_dt * _sigmoid(delta_ref[...].astype(F32) + bias_ref[...])
   ddelta_ref[...] = d_dt.astype(ddelta_ref.dtype)
@@ -213,7 +215,7 @@ def _specs(cfg, num_chunks, state, backward=False):
   return dict(
     rows=pl.BlockSpec((None, t, bd), lambda b, j, k: (b, chunk_of(k), j)),  # (B, L, D)
     tile=pl.BlockSpec((None, None, state, t), lambda b, j, k: (b, chunk_of(k), 0, 0)),
-    param=pl.BlockSpec((state, bd), lambda b, j, k: (0, j)),  # Aᵀ: (N, D)
+    param=pl.BlockSpec((state, bd), lambda b, j, k: (0, j)),  # Aᵀ log2 e: (N, D)
     vec=pl.BlockSpec((1, bd), lambda b, j, k: (0, j)),  # D, bias: (1, D)
     state=pl.BlockSpec((None, None, state, bd), lambda b, j, k: (b, chunk_of(k), 0, j)),
     # per channel block: dBᵀ, dCᵀ tiles, (B, blocks, chunks, N, chunk)
@@ -268,12 +270,12 @@ def _call(cfg, kernel, ins, need, name, **call):
   return jax.lax.platform_dependent(*ins, tpu=build(False), default=build(True))
 
 
-def _forward(cfg, u, delta, bt, ct, at, d, bias, z, keep_states=True):
+def _forward(cfg, u, delta, bt, ct, a2, d, bias, z, keep_states=True):
   batch, length, channels = u.shape
-  state, num_chunks = at.shape[0], length // cfg.chunk
+  state, num_chunks = a2.shape[0], length // cfg.chunk
   s = _specs(cfg, num_chunks, state)
   has_z = z is not None
-  ins = (u, delta, *((z,) if has_z else ()), bt, ct, at, d, bias)
+  ins = (u, delta, *((z,) if has_z else ()), bt, ct, a2, d, bias)
   in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ())]
   in_specs += [s["tile"], s["tile"], s["param"], s["vec"], s["vec"]]
   out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
@@ -298,14 +300,14 @@ def _forward(cfg, u, delta, bt, ct, at, d, bias, z, keep_states=True):
 
 
 def _backward(cfg, res, g):
-  u, delta, bt, ct, at, d, bias, z, states = res
+  u, delta, bt, ct, a2, d, bias, z, states = res
   batch, length, channels = u.shape
-  state, num_chunks = at.shape[0], length // cfg.chunk
+  state, num_chunks = a2.shape[0], length // cfg.chunk
   bd, t = cfg.block_d, cfg.chunk
   num_blocks = channels // bd
   s = _specs(cfg, num_chunks, state, backward=True)
   has_z = z is not None
-  ins = (u, delta, *((z,) if has_z else ()), g, bt, ct, at, d, bias, states)
+  ins = (u, delta, *((z,) if has_z else ()), g, bt, ct, a2, d, bias, states)
   in_specs = [s["rows"], s["rows"], *((s["rows"],) if has_z else ()), s["rows"]]
   in_specs += [s["tile"], s["tile"], s["param"], s["vec"], s["vec"], s["state"]]
   tiles = jax.ShapeDtypeStruct((batch, num_blocks, num_chunks, state, t), F32)
@@ -315,7 +317,7 @@ def _backward(cfg, res, g):
     *((jax.ShapeDtypeStruct(z.shape, z.dtype),) if has_z else ()),
     tiles,  # dBᵀ per channel block
     tiles,  # dCᵀ per channel block
-    jax.ShapeDtypeStruct((batch, state, channels), F32),  # dAᵀ per sample
+    jax.ShapeDtypeStruct((batch, state, channels), F32),  # d(Aᵀ log2 e) / ln 2 per sample
     jax.ShapeDtypeStruct((batch, 1, channels), F32),  # dD per sample
     jax.ShapeDtypeStruct((batch, 1, channels), F32),  # dbias per sample
   )
@@ -341,13 +343,13 @@ def _backward(cfg, res, g):
   )  # fmt: skip
   du, d_delta = outs[:2]
   dz = outs[2] if has_z else None
-  d_bt, d_ct, d_at, d_d, d_bias = outs[-5:]
+  d_bt, d_ct, d_a2, d_d, d_bias = outs[-5:]
   return (
     du,
     d_delta,
     jnp.sum(d_bt, axis=1),  # over channel blocks: (B, chunks, N, chunk)
     jnp.sum(d_ct, axis=1),
-    jnp.sum(d_at, axis=0),
+    jnp.sum(d_a2, axis=0) * LN_2,  # d loss / d(A log2 e) = ln 2 · d loss / dA
     jnp.sum(d_d, axis=0).astype(d.dtype),
     jnp.sum(d_bias, axis=0).astype(bias.dtype),
     dz,
@@ -355,13 +357,13 @@ def _backward(cfg, res, g):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_scan(cfg, u, delta, bt, ct, at, d, bias, z):
-  return _forward(cfg, u, delta, bt, ct, at, d, bias, z, keep_states=False)[0]
+def _fused_scan(cfg, u, delta, bt, ct, a2, d, bias, z):
+  return _forward(cfg, u, delta, bt, ct, a2, d, bias, z, keep_states=False)[0]
 
 
-def _fused_scan_fwd(cfg, u, delta, bt, ct, at, d, bias, z):
-  y, states = _forward(cfg, u, delta, bt, ct, at, d, bias, z)
-  return y, (u, delta, bt, ct, at, d, bias, z, states)
+def _fused_scan_fwd(cfg, u, delta, bt, ct, a2, d, bias, z):
+  y, states = _forward(cfg, u, delta, bt, ct, a2, d, bias, z)
+  return y, (u, delta, bt, ct, a2, d, bias, z, states)
 
 
 _fused_scan.defvjp(_fused_scan_fwd, _backward)
@@ -411,7 +413,8 @@ def selective_scan_pallas_tpu(
     x = _pad(x.astype(F32), 1, padded_l).reshape(batch, num_chunks, chunk, state)
     return jnp.swapaxes(x, 2, 3)
 
-  at = _pad(A.astype(F32).T, 1, padded_d)  # (N, D)
+  # (N, D); exp(Δ A) = exp2(Δ A log2 e), one multiply less per (t, d, n) on the VPU
+  a2 = _pad(A.astype(F32).T * LOG2_E, 1, padded_d)
   d, bias = (_pad(x.astype(F32), 0, padded_d)[None] for x in (D, delta_bias))  # (1, D)
-  y = _fused_scan(cfg, u, delta, tiles(B), tiles(C), at, d, bias, z)
+  y = _fused_scan(cfg, u, delta, tiles(B), tiles(C), a2, d, bias, z)
   return y[:, :length, :channels]
