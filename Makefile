@@ -12,7 +12,7 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
 .PHONY: demo test lint format venv clean
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(VENV)/tpu-compiler/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@set -e; \
@@ -32,6 +32,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	set -o pipefail; \
 	$(PY) -m pip install -q -c constraints.txt -e ".[tf,dev]" 2>&1 | { grep -v "Location '.*' is ignored" || true; }; \
 	touch $@
+
+# libtpu (the version jax[tpu] pins) beside the venv, not in it: jax loads it only to compile for
+# compile-only TPU chips (tests/test_scan_tpu.py, benchmarks/tpu_lowering.py), never as a backend.
+$(VENV)/tpu-compiler/.installed: $(VENV)/.installed
+	@set -o pipefail; \
+	pin=$$($(PY) -c 'from importlib.metadata import requires; print(next(r.split(";")[0] for r in requires("jax") if r.startswith("libtpu")))'); \
+	if $(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/tpu-compiler "$$pin" 2>&1 | \
+	  { grep -v "Location '.*' is ignored" || true; }; then touch $@; \
+	else echo "$$pin could not be installed: the TPU compile tests will skip" >&2; fi
 
 demo: venv
 	$(PY) -m dim_jax.main --config=configs/demo.py --workdir=$(WORKDIR)

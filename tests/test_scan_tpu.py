@@ -76,10 +76,10 @@ def test_kernels_lower_for_tpu():
     assert text.count("tpu_custom_call") == kernels, fn.__name__
 
 
-@pytest.mark.parametrize("generation", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+@pytest.mark.parametrize("generation", ["v4:2x2x1", "v5p:2x2x1", "v6e:2x2"])
 def test_kernels_compile_for_each_tpu_generation(generation):
   """Mosaic accepts the kernels' shapes and layouts (its layout passes run only here, in
-  libtpu's compiler) at DiM-H's width, for every generation's VMEM and register tiles."""
+  libtpu's compiler) at DiM-H's width: on v4 (16 MiB of VMEM), v5p (the pod recipes') and v6e."""
   devices = tpu_lowering.compile_only_devices(generation)
   if devices is None:
     pytest.skip(NO_LIBTPU)
@@ -103,19 +103,14 @@ def tiny_dim_config():
 
 def test_tiny_dim_train_step_lowers_for_a_v5p_slice(tiny_dim_config):
   """The recipe's train step (bf16, block remat, FSDP) over 4 v5p chips: each layer's scan runs
-  as Mosaic kernels (forward, its recompute under remat, backward) per batch shard."""
+  as Mosaic kernels (forward, its recompute under remat, backward), each on its chip's 2 rows of
+  the batch of 8. (benchmarks/tpu_lowering.py compiles the DiM-H step the same way.)"""
   mesh, _ = tpu_lowering.tpu_mesh(tiny_dim_config.mesh, "v5p:2x2x1", 4, compile=False)
   lowered, state = tpu_lowering.train_step_for_tpu(tiny_dim_config, mesh, compiles=False)
   text = lowered.as_text()
-  assert text.count("tpu_custom_call") == 3 * tiny_dim_config.model.depth
+  calls = [line for line in text.splitlines() if "stablehlo.custom_call @tpu_custom_call" in line]
+  assert len(calls) == 3 * tiny_dim_config.model.depth
+  assert all(": (tensor<2x" in line for line in calls)  # u: (rows per chip, L, D)
   assert "mhlo.num_partitions = 4" in text
   whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   assert tpu_lowering.per_chip_bytes(state) < whole  # FSDP: each chip holds a part
-
-
-def test_tiny_dim_train_step_compiles_for_a_v5p_slice(tiny_dim_config):
-  if tpu_lowering.libtpu_path() is None:
-    pytest.skip(NO_LIBTPU)
-  out = tpu_lowering.report(tiny_dim_config, "v5p:2x2x1", 4)
-  assert out["mosaic_kernels"] == 3 * tiny_dim_config.model.depth
-  assert out["arguments_gib"] > 0 and out["temp_gib"] > 0
