@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from configs import pretrain_256
-from dim_jax import diffusion, parallel, train
+from dim_jax import diffusion, parallel, train, train_state
 
 GIB = 2**30
 
@@ -88,7 +88,7 @@ def compile_for_tpu(lowered):
 def train_step_for_tpu(config, mesh, compiles: bool):
   """The recipe's train step traced with its shardings on `mesh` and lowered for TPU: the
   `Lowered` and the abstract train state (with shardings)."""
-  graphdef, init_state, tx, lr = train.build_state(config)
+  graphdef, init_state, tx, lr = train_state.build_state(config)
   abstract = jax.eval_shape(init_state)
   shardings = parallel.state_shardings(abstract, mesh)
   state = jax.tree.map(
