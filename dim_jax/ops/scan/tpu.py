@@ -62,8 +62,8 @@ class KernelConfig:
 
 
 def _softplus(x):
-  """log(1 + e^x) from one exp and one log, stable for large |x|."""
-  return jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
+  """log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow, and e^x to full precision for x << 0."""
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
 def _sigmoid(x):
