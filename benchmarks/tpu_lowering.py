@@ -112,6 +112,12 @@ def train_step_for_tpu(config, mesh, compiles: bool):
     return jitted.trace(state, batch_in).lower(lowering_platforms=("tpu",)), state
 
 
+def kernel_rows(lowered_text: str) -> list[int]:
+  """The leading (batch) size of the first operand of each Mosaic kernel call in a lowering."""
+  calls = [line for line in lowered_text.splitlines() if "custom_call @tpu_custom_call" in line]
+  return [int(line.split(": (tensor<", 1)[1].split("x", 1)[0]) for line in calls]
+
+
 def per_chip_bytes(tree) -> int:
   """Bytes one chip holds of a tree of sharded ShapeDtypeStructs."""
   return sum(
@@ -123,9 +129,11 @@ def report(config, topology: str, num_chips: int) -> dict:
   mesh, compiles = tpu_mesh(config.mesh, topology, num_chips)
   t0 = time.perf_counter()
   lowered, state = train_step_for_tpu(config, mesh, compiles)
+  rows = kernel_rows(lowered.as_text())
   out = dict(
     lower_s=time.perf_counter() - t0,
-    mosaic_kernels=lowered.as_text().count("tpu_custom_call"),
+    mosaic_kernels=len(rows),
+    kernel_rows=sorted(set(rows)),
     params_gib=per_chip_bytes(state["params"]) / GIB,
     state_gib=per_chip_bytes(state) / GIB,
   )
@@ -161,7 +169,10 @@ def main(argv):
     f"{args.topology}, mesh {dict(config.mesh)}; libtpu: {libtpu_path() or 'absent'}"
   )
   out = report(config, args.topology, chips)
-  print(f"lowered in {out['lower_s']:.1f} s, {out['mosaic_kernels']} Mosaic kernel calls")
+  print(
+    f"lowered in {out['lower_s']:.1f} s, {out['mosaic_kernels']} Mosaic kernel calls, each on "
+    f"{out['kernel_rows']} rows of the batch (its chip's)"
+  )
   print(f"per chip: parameters {out['params_gib']:.2f} GiB, train state (parameters, AdamW, EMA, "
         f"step) {out['state_gib']:.2f} GiB")  # fmt: skip
   if "temp_gib" in out:
