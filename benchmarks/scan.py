@@ -12,11 +12,15 @@ Per shape (L, D, N, batch) of DiM-H/2 (pads and prefix included), forward and fo
          measured in the same run
   ratio  ms / bound
   kept   bytes the VJP keeps for the backward beyond the inputs
-The official Mamba CUDA kernel's times (bf16, one H200; docs/scan.md) stand beside them. First, on
-a small shape, the value and every gradient are checked against impl="reference" on this device.
+The official Mamba CUDA kernel's times (bf16, one H200; docs/scan.md) stand beside them. On a TPU
+(v4, v5e, v5p), pallas_tpu's expected times from the chip's issue rates (scan_tpu_estimate.py,
+docs/scan.md) and measured / expected join the table. First, on a small shape, the value and every
+gradient are checked against impl="reference" on this device.
 
 Usage, from the repository root (about 4 minutes on an H200; `--smoke`: tiny shapes on a CPU):
   PYTHONPATH=. python3 benchmarks/scan.py [--scan.FIELD=VALUE ...] [--out DIR] [--results FILE]
+On a TPU VM (auto is pallas_tpu there): launch/tpu.sh exec --worker=0 -- PYTHONPATH=.
+  .venv/bin/python benchmarks/scan.py --results=/tmp/scan.md
 """
 
 import datetime
@@ -31,10 +35,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import results
+from benchmarks import results, scan_tpu_estimate
 from configs import common
 from dim_jax.ops import ScanConfig, selective_scan
-from dim_jax.ops.scan import gpu, resolve_impl
+from dim_jax.ops.scan import gpu, resolve_impl, tpu
 
 _SCAN = config_flags.DEFINE_config_dict("scan", common.base_config().model.scan, "model.scan")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT"), "folder for the table and raw records")
@@ -158,29 +162,44 @@ def measure(config: ScanConfig, shape, bandwidth) -> dict:
   if impl == "pallas_gpu":  # the settings the kernel resolved for this shape
     k = gpu.launch(config, (batch, length, channels), True)
     impl += f" chunk {k.chunk}/{k.fwd_chunk} block {k.block_d}/{k.fwd_block_d} S{k.segments}"
+  expected = (None, None)
+  chip = scan_tpu_estimate.CHIPS.get(jax.devices()[0].device_kind)
+  if impl == "pallas_tpu":
+    impl += f" chunk {config.chunk or tpu.DEFAULT_CHUNK} block {tpu.DEFAULT_BLOCK_D}"
+    if chip:
+      expected = tuple(x * 1e3 for x in scan_tpu_estimate.expected_seconds(chip, *shape))
   return dict(
     launch=impl,
     L=length, D=channels, N=state, batch=batch, fwd_ms=fwd * 1e3, fb_ms=fb * 1e3,
     fwd_bound_ms=fwd_bound * 1e3, fb_bound_ms=fb_bound * 1e3, kept_gb=kept_bytes(plain, args) / 1e9,
+    expected_fwd_ms=expected[0], expected_fb_ms=expected[1],
   )  # fmt: skip
 
 
 def table(rows, header) -> str:
+  on_tpu = any(r["expected_fwd_ms"] for _, r in rows)
   lines = [
     *header,
     "",
     "| shape (L, D, N, batch) | launch | fwd ms | bound | ratio | fwd+bwd ms | bound | ratio "
-    "| kept GB | official CUDA fwd / fwd+bwd ms |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| kept GB | official CUDA fwd / fwd+bwd ms |"
+    + (" TPU expected fwd / fwd+bwd ms | measured / expected |" if on_tpu else ""),
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if on_tpu else ""),
   ]
   for name, r in rows:
     official = OFFICIAL.get((r["L"], r["batch"])) if r["D"] == 3072 else None
-    lines.append(
+    line = (
       f"| {name} ({r['L']}, {r['D']}, {r['N']}, {r['batch']}) | {r['launch']} | {r['fwd_ms']:.3f} "
       f"| {r['fwd_bound_ms']:.3f} | {r['fwd_ms'] / r['fwd_bound_ms']:.1f}x | {r['fb_ms']:.3f} "
       f"| {r['fb_bound_ms']:.3f} | {r['fb_ms'] / r['fb_bound_ms']:.1f}x | {r['kept_gb']:.2f} "
       f"| {' / '.join(map(str, official)) if official else '–'} |"
     )
+    if on_tpu:
+      line += (
+        f" {r['expected_fwd_ms']:.3f} / {r['expected_fb_ms']:.3f} | "
+        f"{r['fwd_ms'] / r['expected_fwd_ms']:.2f} / {r['fb_ms'] / r['expected_fb_ms']:.2f} |"
+      )
+    lines.append(line)
   return "\n".join(lines) + "\n"
 
 

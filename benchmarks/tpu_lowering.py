@@ -161,7 +161,8 @@ def main(argv):
   dims = [int(x) for x in args.topology.split(":")[1].split("x")]
   chips = args.chips or int(np.prod(dims))
   config = pretrain_256.get_config()
-  config.model.update(variant=args.variant, input_size=args.image // 8, scan_impl="pallas_tpu")
+  config.model.update(variant=args.variant, input_size=args.image // 8)
+  config.model.scan.impl = "pallas_tpu"
   if args.batch:
     config.train.batch_size = args.batch
   print(

@@ -29,15 +29,17 @@ def base_config() -> ml_collections.ConfigDict:
     scan_directions=4,  # 4 (DiM), 2 (row and reverse row) or 1 (raster only; ablation)
     # The selective scan (dim_jax.ops.ScanConfig; docs/scan.md has the design and the figures).
     scan=dict(
-      # auto (the fastest correct one per platform: reference on CPU, pallas_gpu on GPU, chunked
-      # elsewhere) | reference (sequential lax.scan) | associative (lax.associative_scan, keeps
-      # (B, L, D, N) for the backward) | chunked (lax.scan over rematerialised chunks) | pallas_gpu
-      # (the fused Pallas kernel; on a CPU it runs in the Pallas interpreter, slowly)
+      # auto (the fastest correct one per platform: reference on CPU, pallas_gpu on GPU,
+      # pallas_tpu on TPU, chunked elsewhere) | reference (sequential lax.scan) | associative
+      # (lax.associative_scan, keeps (B, L, D, N) for the backward) | chunked (lax.scan over
+      # rematerialised chunks) | pallas_gpu (the fused Pallas kernel for GPUs) | pallas_tpu (the
+      # fused Mosaic kernel for TPUs); off their platform both run in the Pallas interpreter, slowly
       impl="auto",
       # Time steps per chunk; 0 = the impl's own (chunked: 256; pallas_gpu: 4, unrolled, so longer
-      # chunks cost registers and minutes of compile). pallas_gpu keeps one float32 (N, D) state
-      # per chunk x save_every steps and sample for its backward: 0.45 GB per layer call at 1536²
-      # (L = 9216, D = 3072) with the defaults.
+      # chunks cost registers and minutes of compile; pallas_tpu: 128, a multiple of 8, staged
+      # through VMEM). pallas_gpu keeps one float32 (N, D) state per chunk x save_every steps and
+      # sample for its backward: 0.45 GB per layer call at 1536² (L = 9216, D = 3072) with the
+      # defaults; pallas_tpu one per chunk (0.015 GB there).
       chunk=0,
       # pallas_gpu: chunks per kept state; m > 1 keeps m x less memory for one more pass of exps
       # in the backward (chunk=2, save_every=4, fwd_chunk=4: 0.23 GB at 1536²).

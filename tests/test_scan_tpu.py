@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import tpu_lowering
+from dim_jax.ops import ScanConfig
 from dim_jax.ops.scan import tpu
 from tests.test_selective_scan import _rng, check_against_numpy, random_inputs
 
@@ -19,13 +20,13 @@ def test_fp32_matches_float64_loop_over_chunks_and_channel_blocks():
   two blocks of 256; value and every gradient."""
   rng, seed = _rng()
   x = random_inputs(rng, 2, 37, 300, 5)
-  check_against_numpy("pallas_tpu", x, jnp.float32, 1e-5, seed, chunk_size=16)
+  check_against_numpy("pallas_tpu", x, jnp.float32, 1e-5, seed, chunk=16)
 
 
 def test_bf16_inputs_match_float64_loop():
   rng, seed = _rng()
   x = random_inputs(rng, 2, 29, 6, 4)
-  check_against_numpy("pallas_tpu", x, jnp.bfloat16, 1e-2, seed, chunk_size=8)
+  check_against_numpy("pallas_tpu", x, jnp.bfloat16, 1e-2, seed, chunk=8)
 
 
 def test_without_gate_or_softplus():
@@ -37,10 +38,12 @@ def test_without_gate_or_softplus():
 
 
 def test_rejects_blocks_off_the_register_tile():
-  x = random_inputs(np.random.default_rng(0), 1, 8, 4, 2)
+  x = random_inputs(np.random.default_rng(0), 1, 20, 4, 2)
   args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
-  with pytest.raises(ValueError, match="block_d=96, chunk_size=8: use multiples of 128"):
-    tpu.selective_scan_pallas_tpu(*args, True, x["z"], 8, block_d=96)
+  with pytest.raises(ValueError, match=r"model.scan.chunk=12 \(block_d=256\) for pallas_tpu: use"):
+    tpu.selective_scan(*args, True, x["z"], ScanConfig("pallas_tpu", chunk=12))
+  with pytest.raises(ValueError, match="use a multiple of 8 steps"):
+    tpu.selective_scan(*args, True, x["z"], ScanConfig("pallas_tpu"), block_d=96)
 
 
 def test_default_blocks_fit_the_smallest_vmem():
@@ -60,7 +63,7 @@ def _dim_h_scan_args(batch=2, length=366, channels=3072, state=16):
 
 
 def _scan(u, delta, A, B, C, D, bias, z):
-  return tpu.selective_scan_pallas_tpu(u, delta, A, B, C, D, bias, True, z)
+  return tpu.selective_scan(u, delta, A, B, C, D, bias, True, z, ScanConfig("pallas_tpu"))
 
 
 def _grads(*args):
@@ -96,7 +99,8 @@ def tiny_dim_config():
 
   c = pretrain_256.get_config()
   c.model.update(variant="", width=32, depth=3, patch_size=2, input_size=8, d_state=16)
-  c.model.update(scan_impl="pallas_tpu", remat="block")
+  c.model.update(remat="block")
+  c.model.scan.impl = "pallas_tpu"
   c.train.batch_size = 8
   return c
 

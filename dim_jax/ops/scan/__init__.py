@@ -16,6 +16,9 @@ Implementations (`ScanConfig.impl`):
   chunked      `lax.scan` over chunks carrying h, associative scan inside each rematerialised chunk
   pallas_gpu   the fused kernel (`gpu.py`): state in registers, one GPU lane per channel, custom
                VJP recomputing per chunk; runs anywhere through the Pallas interpreter, slowly
+  pallas_tpu   the fused Mosaic kernel (`tpu.py`): channels on the 128 lanes, states on the
+               sublanes, time chunks through VMEM, custom VJP recomputing per chunk; the Pallas
+               interpreter off TPU
   auto         per platform, the fastest that is correct there (`AUTO`); docs/scan.md has the
                measurements behind the choice
 """
@@ -23,16 +26,18 @@ Implementations (`ScanConfig.impl`):
 import jax
 
 from dim_jax import parallel
-from dim_jax.ops.scan import gpu, xla
+from dim_jax.ops.scan import gpu, tpu, xla
 from dim_jax.ops.scan.config import ScanConfig
 
 # (u, Δ float32, A, B, C, config) -> C·h float32; the skip and the gate are added here.
 XLA_IMPLS = {"reference": xla.reference, "associative": xla.associative, "chunked": xla.chunked}
 # Fused kernels take δ, the skip and the gate themselves: selective_scan's arguments in order.
-KERNELS = {"pallas_gpu": gpu.selective_scan}
+KERNELS = {"pallas_gpu": gpu.selective_scan, "pallas_tpu": tpu.selective_scan}
 IMPLS = (*XLA_IMPLS, *KERNELS, "auto")
-# CPU: the sequential scan compiles and runs fastest there. Other platforms: chunked.
-AUTO = {"cpu": "reference", "gpu": "pallas_gpu"}
+# CPU: the sequential scan compiles and runs fastest there. TPU: the Mosaic kernel (checked here
+# against the float64 loop in the interpreter and compiled for v4, v5p and v6e; not yet timed on a
+# TPU, docs/scan.md has its expected times). Other platforms: chunked.
+AUTO = {"cpu": "reference", "gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 
 __all__ = ["IMPLS", "ScanConfig", "resolve_impl", "selective_scan"]
 

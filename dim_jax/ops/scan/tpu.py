@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dim_jax.ops.scan.config import ScanConfig
+
 F32 = jnp.float32
 LANES = 128
 LOG2_E = 1.4426950408889634
@@ -243,7 +245,7 @@ def _compiler_params(cfg, need):
     raise ValueError(
       f"pallas_tpu block_d={cfg.block_d}, chunk={cfg.chunk} need {need / 2**20:.1f} MiB of VMEM "
       f"per program, more than the {VMEM_CAPACITY // 2**20} MiB of a v4 core less headroom; "
-      "use a smaller block_d or chunk_size."
+      "use a smaller block_d or model.scan.chunk."
     )
   return pltpu.CompilerParams(
     dimension_semantics=("parallel", "parallel", "arbitrary"),
@@ -382,25 +384,27 @@ def _round_up(x, multiple):
   return -(-x // multiple) * multiple
 
 
-def selective_scan_pallas_tpu(
-  u, delta, A, B, C, D, delta_bias, delta_softplus, z, chunk_size=None, *, block_d=None,
+def selective_scan(
+  u, delta, A, B, C, D, delta_bias, delta_softplus, z, config: ScanConfig, *, block_d=None,
   interpret=None,
 ):  # fmt: skip
-  """Fused selective scan on TPU; same arguments and result as `selective_scan`.
+  """Fused selective scan on TPU; same arguments and result as `dim_jax.ops.selective_scan`.
 
-  Padding, sliced off at the end: channels with zeros to a multiple of block_d (A = 0, u = 0:
-  those channels stay 0), the length with zeros to whole chunks (after the last real step:
-  causal, and the backward's cotangent is 0 there). A sequence shorter than the chunk is one
-  chunk of its length rounded up to 8.
+  `config.chunk` steps per chunk (0: DEFAULT_CHUNK). `block_d` (channels per program, default
+  DEFAULT_BLOCK_D) and `interpret` (default: Mosaic when lowering for TPU, else the interpreter)
+  are for tests and tuning. Padding, sliced off at the end: channels with zeros to a multiple of
+  block_d (A = 0, u = 0: those channels stay 0), the length with zeros to whole chunks (after the
+  last real step: causal, and the backward's cotangent is 0 there). A sequence shorter than the
+  chunk is one chunk of its length rounded up to 8.
   """
   batch, length, channels = u.shape
   state = A.shape[1]
   block_d = block_d or DEFAULT_BLOCK_D
-  chunk = min(chunk_size or DEFAULT_CHUNK, _round_up(length, SUBLANES))
+  chunk = min(config.chunk or DEFAULT_CHUNK, _round_up(length, SUBLANES))
   if block_d % LANES or chunk % SUBLANES:
     raise ValueError(
-      f"pallas_tpu block_d={block_d}, chunk_size={chunk}: use multiples of {LANES} channels and "
-      f"{SUBLANES} steps (the TPU's (8, 128) register tile)."
+      f"model.scan.chunk={chunk} (block_d={block_d}) for pallas_tpu: use a multiple of "
+      f"{SUBLANES} steps ({LANES} channels), the TPU's (8, 128) register tile."
     )
   cfg = KernelConfig(block_d=block_d, chunk=chunk, softplus=delta_softplus, interpret=interpret)
   padded_d, padded_l = _round_up(channels, block_d), _round_up(length, chunk)
