@@ -57,7 +57,7 @@ def sharded_step(config):
   """(jitted step, init_state, state sharding, batch sharding, mesh) as train.py builds them."""
   graphdef, init_state, tx, lr = train_state.build_state(config)
   mesh = parallel.create_mesh(config.mesh)
-  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh)
+  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh, config.mesh.rules)
   batch_sharding = parallel.batch_sharding(mesh)
   step = jax.jit(
     train.make_train_step(config, graphdef, tx, lr, diffusion.create_schedule(config.diffusion)),

@@ -153,8 +153,17 @@ def base_config() -> ml_collections.ConfigDict:
     batch_size=250,  # Inception batch for reference statistics
   )
 
-  # Device mesh: sizes of the ("data", "fsdp") axes; -1 takes the remaining devices.
-  c.mesh = dict(data=-1, fsdp=1)
+  # Device mesh: sizes of the ("data", "fsdp") axes; -1 takes the remaining devices. Inputs and
+  # activations are split by their batch dimension over both axes.
+  c.mesh = dict(
+    data=-1,
+    fsdp=1,
+    # The mesh axes each logical axis of the parameters (and their optimizer state) is split over
+    # (MaxText's logical_axis_rules), for each name the models use; None: whole on every device.
+    # "embed": the model width (over "fsdp": FSDP); "mlp": Mamba's inner and the MLP width;
+    # "heads": attention heads; "vocab": the class tables.
+    rules=(("embed", "fsdp"), ("mlp", None), ("heads", None), ("vocab", None)),
+  )
 
   c.lock()
   return c

@@ -1,8 +1,8 @@
 """Device mesh, logical-axis rules and shardings: the only place that knows the mesh axes.
 
-Modules annotate parameters with logical names ("embed", "mlp", "vocab"); the rules below map them
-onto the ("data", "fsdp") mesh. Parameters and optimizer state are sharded FSDP-style over "fsdp"
-along their "embed" dimension; the batch is split over both axes.
+Modules annotate parameters with logical names ("embed", "mlp", "heads", "vocab"); the config's
+`mesh.rules` map them onto the ("data", "fsdp") mesh (by default FSDP-style: over "fsdp" along
+"embed"). The batch of inputs and activations is split over both axes.
 """
 
 import jax
@@ -12,12 +12,6 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-LOGICAL_RULES = (
-  ("embed", "fsdp"),
-  ("mlp", None),
-  ("heads", None),
-  ("vocab", None),
-)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
@@ -39,9 +33,15 @@ def create_mesh(mesh_config) -> jax.sharding.Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
-  """NamedShardings for a pytree of NNX states (logical names) and plain arrays (replicated)."""
-  with nnx.logical_axis_rules(LOGICAL_RULES):
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules):
+  """NamedShardings for a pytree of NNX states, their logical axes mapped by `rules` (the config's
+  `mesh.rules`: (logical name, mesh axes or None) pairs), and plain arrays (replicated)."""
+  for name, axes in rules:
+    if not set((axes,) if isinstance(axes, str) else axes or ()) <= set(mesh.axis_names):
+      raise ValueError(
+        f"mesh.rules maps {name!r} to {axes!r}: use axes of {mesh.axis_names}, or None."
+      )
+  with nnx.logical_axis_rules(rules):
     return nnx.get_named_sharding(abstract_state, mesh)
 
 

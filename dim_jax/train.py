@@ -181,7 +181,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- Shard
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = parallel.state_shardings(abstract_state, mesh)
+  state_sharding = parallel.state_shardings(abstract_state, mesh, config.mesh.rules)
 
   # ---------------------------------------------------------------- Update step
   train_step = make_train_step(config, graphdef, tx, lr_schedule, schedule)

@@ -75,7 +75,7 @@ def restore_for_sampling(config, workdir: str):
   mesh = parallel.create_mesh(config.mesh)
   graphdef, init_state, _, _ = build_state(config)
   abstract_state = jax.eval_shape(init_state)
-  shardings = parallel.state_shardings(abstract_state, mesh)
+  shardings = parallel.state_shardings(abstract_state, mesh, config.mesh.rules)
   params, step = checkpoint.restore_params(
     workdir, abstract_state, shardings, use_ema=config.sample.use_ema
   )

@@ -143,3 +143,28 @@ def test_train_step_moves_weights_not_activations():
     text=True,
   )  # fmt: skip
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_parameter_shardings_follow_the_config_rules():
+  """`mesh.rules` decide the split: FSDP along "embed" by default, any other mapping by config,
+  and a rule naming an axis the mesh lacks is refused naming the field."""
+  import pytest
+  from flax import nnx
+
+  from configs import common
+  from dim_jax import parallel
+  from dim_jax.models import create_model
+
+  config = common.apply_arg(common.base_config(), "smoke")
+  params = nnx.state(nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(0))))
+  mesh = parallel.create_mesh(config.mesh)
+
+  def in_proj_spec(rules):
+    shardings = parallel.state_shardings(params, mesh, rules)
+    return tuple(shardings["blocks"][0]["mixer"]["in_proj"]["kernel"].spec)  # ("embed", "mlp")
+
+  assert in_proj_spec(config.mesh.rules) == ("fsdp", None)
+  tensor_parallel = (("embed", None), ("mlp", ("data", "fsdp")), ("heads", None), ("vocab", None))
+  assert in_proj_spec(tensor_parallel) == (None, ("data", "fsdp"))
+  with pytest.raises(ValueError, match="mesh.rules maps 'mlp' to 'model'"):
+    parallel.state_shardings(params, mesh, (("mlp", "model"),))

@@ -76,7 +76,9 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
   mesh = parallel.create_mesh(other.mesh)
   manager = checkpoint.create_manager(str(tmp_path))
   with pytest.raises(ValueError, match="different model"):
-    checkpoint.restore(manager, abstract, parallel.state_shardings(abstract, mesh))
+    checkpoint.restore(
+      manager, abstract, parallel.state_shardings(abstract, mesh, other.mesh.rules)
+    )
 
 
 def _run_main(*args):
