@@ -90,7 +90,7 @@ def train_step_for_tpu(config, mesh, compiles: bool):
   `Lowered` and the abstract train state (with shardings)."""
   graphdef, init_state, tx, lr = train_state.build_state(config)
   abstract = jax.eval_shape(init_state)
-  shardings = parallel.state_shardings(abstract, mesh)
+  shardings = parallel.state_shardings(abstract, mesh, config.mesh.rules)
   state = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )  # fmt: skip
