@@ -1,28 +1,24 @@
-"""FD-FMNIST: sample quality of a Fashion-MNIST model, offline (no Inception weights needed).
+"""Sample quality against training steps and against wall-clock seconds (FD-FMNIST), DiM and DiT.
 
-  .venv/bin/python benchmarks/quality.py                       # the real-data floor only
-  .venv/bin/python benchmarks/quality.py --samples workdir/fmnist/samples.npz   # + a model's
-  .venv/bin/python benchmarks/quality.py --train fmnist,dim-S/2,dit-S/2 --steps 2000  # train too
+  python benchmarks/quality.py --data_dir .data/fashion-mnist --recipes fmnist --seconds 540
+  python benchmarks/quality.py --data_dir .data/fashion-mnist --recipes dim-S/2,dit-S/2 \\
+      --seconds 270 --eval_every 400
 
---train trains each named recipe with `python -m dim_jax.main` (configs/fashion_mnist.py, with the
-backbone swapped for dim-S/2 and dit-S/2 so that DiM and DiT are compared at the same steps, batch
-and sampler), samples --num_samples images from its EMA weights and scores them. Each run's
-workdir is kept under --workdir_root, so a second call resumes or only re-scores.
-
-The classifier (dim_jax/fmnist_classifier.py) is trained once on the 60 000 training images and
-cached in --cache_dir (about 3 minutes on 2 CPU cores). Its penultimate features give the Fréchet
-distance "FD-FMNIST" (plus precision / recall and a 10-class Inception Score, all through
-dim_jax.eval_metrics). Reference: the first half of the test set (5 000 images). Floor: the second
-half against it, i.e. what a perfect generator scores with 5 000 samples. A model's samples
-(uint8 or [-1, 1], (N, 28 or 32, 28 or 32, 1), an .npz with `images` as sample.py writes it, or
-ADM's `arr_0`) are scored against the same reference, the first 5 000 of them, so that the
-sample-size bias matches the floor's. Samples come from a model trained with
-configs/fashion_mnist.py (its docstring has the command).
+Each recipe is configs/fashion_mnist.py, its backbone optionally swapped (`RECIPES`), trained in a
+process of its own for --seconds of wall-clock time counted from the process start, compilation
+included (then SIGTERM: the run saves a checkpoint and exits). The training loop evaluates its
+EMA weights every --eval_every steps (`dim_jax/evaluators.py`: FD-FMNIST of --num_samples
+samples against the first half of the test split, a classifier of Fashion-MNIST's features). A
+row's seconds are training wall time: from the process start to the evaluation, less the time
+spent in evaluations. Beside each FD stand the floor (held-out test images against the reference,
+as many as the samples) and the noise level (Gaussian-noise images). The table is appended to
+RESULTS.md and the curves (FD against steps and against seconds) drawn to --plot.
 """
 
 import argparse
 import datetime
 import glob
+import json
 import os
 import platform
 import signal
@@ -30,18 +26,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results  # noqa: E402
-from dim_jax import eval_metrics, fmnist_classifier  # noqa: E402
-from dim_jax.data import fashion_mnist  # noqa: E402
 
-HALF = 5000  # images per side: the test set's halves
-BATCH = 500
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# --train recipes: configs/fashion_mnist.py plus these overrides.
+# configs/fashion_mnist.py plus these overrides.
 RECIPES = {
   "fmnist": [],  # the recipe as written (a DiM of width 256, depth 13)
   "dim-S/2": ["--config.model.variant=S/2"],
@@ -49,174 +39,136 @@ RECIPES = {
 }
 
 
-def batches(images: np.ndarray):
-  return (images[i : i + BATCH] for i in range(0, len(images), BATCH))
-
-
-def real_test_halves(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(reference half, floor half) uint8 (5000, 28, 28, 1) each, and all 10 000 test labels."""
-  test = fashion_mnist.FashionMnistSource(data_dir, "test", fmnist_classifier.IMAGE_SIZE)
-  images = test.images[..., None]  # (10000, 28, 28, 1): the raw images, unpadded
-  return images[:HALF], images[HALF : 2 * HALF], test.labels
-
-
-def score_generated(images: np.ndarray, feature_fn, ref: eval_metrics.ReferenceStats) -> dict:
-  """Generated images (N, 28 or 32, 28 or 32, 1), uint8 or [-1, 1] -> FD-FMNIST and friends.
-
-  The first 5 000 are scored (fewer if fewer are given: FD then carries a larger sample-size bias
-  than the floor; "num_samples" says how many).
-  """
-  images = np.asarray(images)[:HALF]
-  result = eval_metrics.evaluate_samples(batches(images), feature_fn, ref)
-  return {("fd_fmnist" if k == "fid" else k): v for k, v in result.items()}
-
-
-def read_samples(path: str) -> np.ndarray:
-  with np.load(path) as data:
-    for key in ("images", "arr_0"):
-      if key in data:
-        return data[key]
-  raise ValueError(f"--samples={path!r} holds {sorted(data.keys())}: give an .npz with `images`.")
-
-
-def latest_step(workdir: str) -> int:
-  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-  return max(steps)
-
-
-def train_and_sample(recipe: str, args, steps: int, seconds: float) -> dict:
-  """Trains `recipe` for `steps` (0: the recipe's) or until `seconds` have passed (then SIGTERM:
-  the run saves a checkpoint and exits), resuming if its workdir has a checkpoint; samples its
-  EMA weights. Returns the .npz path, the steps trained and both wall times (s)."""
+def train_with_evaluations(recipe: str, args) -> dict:
+  """Trains `recipe` for args.seconds from the process start; returns its evaluations, read from
+  the eval_<step>.json files of its workdir, with their training wall time."""
   if recipe not in RECIPES:
-    raise SystemExit(f"--train: unknown recipe {recipe!r}; use some of {sorted(RECIPES)}.")
+    raise SystemExit(f"--recipes: unknown recipe {recipe!r}; use some of {sorted(RECIPES)}.")
   workdir = os.path.join(args.workdir_root, recipe.replace("/", "_"))
-  base = [sys.executable, "-m", "dim_jax.main", "--config=configs/fashion_mnist.py"]
-  base += [f"--workdir={workdir}", f"--config.data.data_dir={args.data_dir}", *RECIPES[recipe]]
-  base += [f"--config.model.dtype={args.dtype}", f"--config.sample.steps={args.sample_steps}"]
-  base += [f"--config.sample.batch_size={args.sample_batch}"]
-  if steps:
-    base.append(f"--config.train.num_steps={steps}")
-  if args.batch_size:
-    base.append(f"--config.train.batch_size={args.batch_size}")
+  if os.path.exists(workdir):
+    raise SystemExit(f"{workdir} exists: the wall-clock figures need a fresh run; remove it.")
+  command = [sys.executable, "-m", "dim_jax.main", "--config=configs/fashion_mnist.py"]
+  command += [f"--workdir={workdir}", f"--config.data.data_dir={args.data_dir}", *RECIPES[recipe]]
+  command += [f"--config.model.dtype={args.dtype}", f"--config.eval.every={args.eval_every}"]
+  command += [f"--config.eval.num_samples={args.num_samples}"]
+  command += [f"--config.eval.cache_dir={args.cache_dir}", "--config.sample.num_images=0"]
+  command += [f"--config.sample.batch_size={args.sample_batch}", *args.extra]
+  if args.steps:
+    command.append(f"--config.train.num_steps={args.steps}")
+  print("+", " ".join(command), flush=True)
 
-  start = time.perf_counter()
-  print("+", " ".join(base), flush=True)
-  training = subprocess.Popen(base + ["--config.sample.num_images=0"], cwd=REPO)
+  start = time.time()
+  process = subprocess.Popen(command, cwd=REPO)
   try:
-    training.wait(timeout=seconds or None)
+    process.wait(timeout=args.seconds)
   except subprocess.TimeoutExpired:
-    training.send_signal(signal.SIGTERM)  # the preemption path: save, then exit cleanly
-    training.wait()
-  if training.returncode:
-    raise SystemExit(f"training {recipe} failed with exit status {training.returncode}.")
-  train_s = time.perf_counter() - start
+    process.send_signal(signal.SIGTERM)  # the preemption path: save, then exit cleanly
+    process.wait()
+  if process.returncode:
+    raise SystemExit(f"training {recipe} failed with exit status {process.returncode}.")
 
-  start = time.perf_counter()
-  subprocess.run(base + ["--mode=sample", f"--num_images={args.num_samples}"], cwd=REPO, check=True)
-  sample_s = time.perf_counter() - start
-  npz = max(glob.glob(os.path.join(workdir, "sample_*.npz")), key=os.path.getmtime)
-  return dict(npz=npz, steps=latest_step(workdir), train_s=train_s, sample_s=sample_s)
+  evaluations = []
+  for path in glob.glob(os.path.join(workdir, "eval_*.json")):
+    with open(path) as f:
+      evaluations.append(json.load(f))
+  if not evaluations:
+    raise SystemExit(f"{recipe} made no evaluation in {args.seconds} s: lower --eval_every.")
+  evaluations.sort(key=lambda e: e["step"])
+  for e in evaluations:  # wall time from the process start, less the evaluations before this one
+    e["wall_seconds"] = e["time"] - start - e["eval_seconds"]
+  return dict(recipe=recipe, evaluations=evaluations, baselines=evaluations[0]["baselines"])
+
+
+def table(runs: list[dict]) -> str:
+  lines = [
+    "| recipe | step | training wall s | FD-FMNIST | floor | noise | ratio to floor "
+    "| precision / recall | class accuracy (real) |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+  ]
+  for run in runs:
+    real, noise = run["baselines"]["real"], run["baselines"]["noise"]
+    for e in run["evaluations"]:
+      lines.append(
+        f"| {run['recipe']} | {e['step']} | {e['wall_seconds']:.0f} | {e['fd_fmnist']:.3f} "
+        f"| {real['fd_fmnist']:.3f} | {noise['fd_fmnist']:.1f} "
+        f"| {e['fd_fmnist'] / real['fd_fmnist']:.1f} "
+        f"| {e['precision']:.3f} / {e['recall']:.3f} "
+        f"| {e['class_accuracy']:.3f} ({real['class_accuracy']:.3f}) |"
+      )
+  return "\n".join(lines)
+
+
+def at_equal_time(runs: list[dict], seconds: float) -> str:
+  """Each run's last evaluation made within `seconds` of training wall time."""
+  parts = []
+  for run in runs:
+    done = [e for e in run["evaluations"] if e["wall_seconds"] <= seconds]
+    if done:
+      e = done[-1]
+      parts.append(f"{run['recipe']} {e['fd_fmnist']:.3f} (step {e['step']})")
+  return f"FD-FMNIST within {seconds:.0f} s of training wall time: " + ", ".join(parts)
+
+
+def plot(runs: list[dict], path: str) -> str:
+  try:
+    import matplotlib  # lazily: only the plot needs it
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+  except ImportError:
+    return "matplotlib is not installed: plot skipped"
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for axis, x_key, label in ((axes[0], "step", "training steps"), (axes[1], "wall_seconds", "")):
+    for run in runs:
+      x = [e[x_key] for e in run["evaluations"]]
+      axis.plot(x, [e["fd_fmnist"] for e in run["evaluations"]], "o-", label=run["recipe"])
+    floor = runs[0]["baselines"]["real"]["fd_fmnist"]
+    axis.axhline(floor, color="gray", linestyle="--", label=f"floor {floor:.2f}")
+    axis.set_yscale("log")
+    axis.set_xlabel(label or "training wall-clock seconds (compilation included)")
+    axis.grid(True, which="both", alpha=0.3)
+  axes[0].set_ylabel("FD-FMNIST (EMA weights)")
+  axes[0].legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  return f"wrote {path}"
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data_dir", default=fashion_mnist.DEFAULT_DIR)
-  parser.add_argument("--cache_dir", default="workdir/quality", help="the classifier's cache")
-  parser.add_argument("--samples", default=None, help=".npz of generated images to score")
-  parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
-  parser.add_argument("--no-append", action="store_true")
-  parser.add_argument("--train", default="", help=f"comma-separated recipes of {sorted(RECIPES)}")
+  parser.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
+  parser.add_argument("--recipes", default="fmnist", help=f"comma-separated of {sorted(RECIPES)}")
+  parser.add_argument("--seconds", type=float, default=540, help="wall-clock budget per recipe")
+  parser.add_argument("--steps", type=int, default=0, help="also stop at this step (0: recipe's)")
+  parser.add_argument("--eval_every", type=int, default=1000)
+  parser.add_argument("--num_samples", type=int, default=5000)
+  parser.add_argument("--sample_batch", type=int, default=1000)
+  parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the trained models")
   parser.add_argument("--workdir_root", default="workdir/quality_runs")
-  parser.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's)")
-  parser.add_argument(
-    "--train_seconds",
-    type=float,
-    default=0,
-    help="stop the first recipe after this long (it saves a checkpoint); the others then train "
-    "as many steps as it reached",
-  )
-  parser.add_argument("--batch_size", type=int, default=0, help="global batch (0: the recipe's)")
-  parser.add_argument("--dtype", default="float32", help="compute dtype of the trained models")
-  parser.add_argument("--num_samples", type=int, default=HALF, help="images sampled per recipe")
-  parser.add_argument("--sample_steps", type=int, default=50)
-  parser.add_argument("--sample_batch", type=int, default=500)
+  parser.add_argument("--cache_dir", default="workdir/quality", help="the classifier's cache")
+  parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+  parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "quality.png"))
+  parser.add_argument("--no-append", action="store_true")
+  parser.add_argument("extra", nargs="*", help="more --config overrides for every recipe")
   args = parser.parse_args()
 
-  trained, steps, seconds = [], args.steps, args.train_seconds
-  for recipe in filter(None, args.train.split(",")):
-    run = train_and_sample(recipe, args, steps, seconds)
-    trained.append((recipe, run))
-    steps, seconds = run["steps"], 0  # the next recipes: as many steps as this one
-  start = time.perf_counter()
-  classifier = fmnist_classifier.load_or_train(args.cache_dir, args.data_dir)
-  train_s = time.perf_counter() - start
-  feature_fn = fmnist_classifier.make_feature_fn(classifier)
-  ref_images, floor_images, labels = real_test_halves(args.data_dir)
-  test_images = np.concatenate([ref_images, floor_images])
-  accuracy = fmnist_classifier.accuracy(classifier, test_images, labels)
-
-  start = time.perf_counter()
-  ref = eval_metrics.compute_reference_stats(batches(ref_images), feature_fn, manifold_size=HALF)
-  floor = score_generated(floor_images, feature_fn, ref)
-  floor_s = time.perf_counter() - start
-
-  rows = [
-    ("classifier test accuracy (10 000 images)", f"{accuracy:.4f}", "1 (perfect)", accuracy),
-    ("FD-FMNIST floor: test half vs half (5 000 / 5 000)", f"{floor['fd_fmnist']:.4f}", "", None),
-    (
-      "precision / recall floor (k=3)",
-      f"{floor['precision']:.3f} / {floor['recall']:.3f}",
-      "",
-      None,
-    ),
-  ]
-  scored = [(args.samples, "")] if args.samples else []
-  scored += [
-    (
-      run["npz"],
-      f"{recipe}, {run['steps']} steps in {run['train_s']:.0f} s, "
-      f"sampled in {run['sample_s']:.0f} s: ",
-    )
-    for recipe, run in trained
-  ]
-  for path, label in scored:
-    model = score_generated(read_samples(path), feature_fn, ref)
-    rows += [
-      (
-        f"{label}FD-FMNIST of {path} ({model['num_samples']} samples)",
-        f"{model['fd_fmnist']:.4f}",
-        f"floor {floor['fd_fmnist']:.4f}",
-        model["fd_fmnist"] / floor["fd_fmnist"],
-      ),
-      (
-        "precision / recall of the samples",
-        f"{model['precision']:.3f} / {model['recall']:.3f}",
-        f"floor {floor['precision']:.3f} / {floor['recall']:.3f}",
-        None,
-      ),  # fmt: skip
-      (
-        "10-class Inception Score of the samples",
-        f"{model['inception_score']:.3f}",
-        f"real {floor['inception_score']:.3f}",
-        model["inception_score"] / floor["inception_score"],
-      ),  # fmt: skip
-    ]
-  lines = ["| figure | value | compared with | ratio |", "| --- | --- | --- | --- |"]
-  for name, value, bound, ratio in rows:
-    lines.append(f"| {name} | {value} | {bound} | {'' if ratio is None else f'{ratio:.3f}'} |")
-  table = "\n".join(lines)
-  print(table)
-  print(f"classifier: {train_s:.0f} s (train or load); reference + floor: {floor_s:.0f} s")
-
+  runs = [train_with_evaluations(r, args) for r in filter(None, args.recipes.split(","))]
+  text = table(runs)
+  if len(runs) > 1:
+    text += "\n\n" + at_equal_time(runs, min(r["evaluations"][-1]["wall_seconds"] for r in runs))
+  print(text)
+  print(plot(runs, args.plot))
   if not args.no_append:
-    cpu = platform.processor() or platform.machine()
+    import jax
+
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     entry = (
-      f"\n## Sample quality (FD-FMNIST), {datetime.date.today().isoformat()}\n\n"
-      f"Device: {cpu}, {os.cpu_count()} cores. Command: `{command.strip()}`. Classifier "
-      f"{os.path.basename(fmnist_classifier.cache_path(args.cache_dir))} ({train_s:.0f} s to "
-      f"train or load); reference and floor {floor_s:.0f} s.\n\n{table}\n"
+      f"\n## Sample quality against steps and seconds (FD-FMNIST), "
+      f"{datetime.date.today().isoformat()}\n\n"
+      f"Device: {jax.devices()[0].device_kind}, host {platform.machine()} with {os.cpu_count()} "
+      f"cores. Command: `{command.strip()}`. EMA weights, {args.num_samples} samples per "
+      f"evaluation; wall seconds from the process start, compilation included, evaluations "
+      f"excluded.\n\n{text}\n"
     )
     results.append(args.results, entry)
 

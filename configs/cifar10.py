@@ -26,4 +26,6 @@ def get_config(arg=None):
   c.train.update(batch_size=128, num_steps=500_000, checkpoint_every=10_000)
   # The paper's CIFAR sampler: Euler–Maruyama on the reverse SDE, 1000 steps, no guidance.
   c.sample.update(sampler="euler_maruyama", steps=1000, guidance_scale=1.0)
+  # FID-10k every 50k steps with eval.inception_path and eval.ref_stats set; else a sample grid.
+  c.eval.update(every=50_000, num_samples=10_000)
   return common.apply_arg(c, arg)

@@ -145,12 +145,17 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=extract_latents: VAE posterior moments of the image set in `data` -> `out_dir`.
   c.extract = dict(out_dir="", batch_size=64, dtype="float32")
 
-  # --mode=evaluate (FID, sFID, IS, precision, recall) and --mode=ref_stats.
+  # Sample quality (dim_jax/evaluators.py): during training every `every` steps, and by
+  # --mode=evaluate. FID, sFID, IS, precision and recall with Inception weights and reference
+  # statistics; without them FD-FMNIST on fashion_mnist and FD-shapes on shapes (a classifier of
+  # the data set, trained once into cache_dir), and only a sample grid on other data.
   c.eval = dict(
+    every=0,  # steps between evaluations during training, and one at the end (0: none)
+    num_samples=50_000,  # samples per evaluation, drawn with the EMA weights
     inception_path="",  # .npz made by `python -m dim_jax.tools.convert_inception`
     ref_stats="",  # ADM / U-ViT reference .npz, or one written by --mode=ref_stats
-    num_samples=50_000,
     batch_size=250,  # Inception batch for reference statistics
+    cache_dir="",  # where data-set classifiers are kept ("" = ~/.cache/dim_jax)
   )
 
   # Device mesh: sizes of the ("data", "fsdp") axes; -1 takes the remaining devices. Inputs and
@@ -185,5 +190,6 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   c.data.update(name="shapes", image_size=c.model.input_size, worker_count=0)
   c.train.update(batch_size=8, num_steps=10, log_every=5, checkpoint_every=5)
   c.sample.update(steps=min(c.sample.steps, 4), num_images=4, batch_size=4)
+  c.eval.update(every=0)
   c.mesh.update(data=-1, fsdp=1)
   return c

@@ -38,6 +38,9 @@ def get_config(arg=None):
   c.train.update(batch_size=768, num_steps=750_000, log_every=100, checkpoint_every=5000)
   # FID setting: DPM-Solver "fast", 50 evaluations, CFG w = 1.4 (official s = 0.4).
   c.sample.update(sampler="dpm_solver_fast", steps=50, guidance_scale=1.4)
+  # FID-10k of the EMA weights every 25k steps once eval.inception_path and eval.ref_stats are
+  # set (`--mode=evaluate` gives the paper's FID-50k); without them, a sample grid.
+  c.eval.update(every=25_000, num_samples=10_000)
   # FSDP over every chip, the batch split over all of them: each chip runs its layers' scans on
   # its own 768 / chips rows (parallel.map_batch_shards: a Pallas kernel is opaque to the
   # partitioner), so no scan input crosses chips; benchmarks/tpu_lowering.py shows it for TPU.

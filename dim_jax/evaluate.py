@@ -1,8 +1,9 @@
 """Evaluation modes: FID / sFID / IS / precision / recall of samples, reference statistics, latents.
 
 --mode=evaluate        sample eval.num_samples images from the workdir's EMA parameters, stream
-                       them through the FID InceptionV3 (never holding them all) and write the
-                       metrics through the metric writer and to <workdir>/eval_<step>.json
+                       them through the evaluator that fits the config (`evaluators`: the FID
+                       InceptionV3, or a data set's own classifier), never holding them all, and
+                       write the metrics through the metric writer and to <workdir>/eval_<step>.json
 --mode=ref_stats       Inception statistics of the data set in `data`, to eval.ref_stats
 --mode=extract_latents VAE posterior moments of the image set in `data`, to extract.out_dir
 """
@@ -13,7 +14,7 @@ import os
 import jax
 from absl import logging
 
-from dim_jax import data, diffusion, eval_metrics, metrics, sample, train_state
+from dim_jax import data, diffusion, eval_metrics, evaluators, metrics, sample, train_state
 from dim_jax.models import inception
 
 
@@ -21,46 +22,76 @@ def _feature_fn(config):
   return inception.make_feature_fn(inception.load_inception(config.eval.inception_path))
 
 
-def evaluate(config, workdir: str) -> dict:
-  sample.check_config(config)
-  feature_fn = _feature_fn(config)
-  ref = eval_metrics.load_reference_stats(config.eval.ref_stats, feature_fn)
-  graphdef, params, step = train_state.restore_for_sampling(config, workdir)
-  schedule = diffusion.create_schedule(config.diffusion)
+GRID_IMAGES = 64  # samples in the grid written beside the metrics
+
+
+def sample_and_measure(config, run, params, evaluator, *, num_images: int, decode=None):
+  """Samples `num_images` with the jitted sampler `run` (the same noise at every call) and measures
+  them with `evaluator` (None: only the grid). Returns (metrics, uint8 grid (1, H, W, C))."""
   batches = sample.generate_batches(
-    graphdef,
+    run,
     params,
-    schedule,
     config=config,
-    num_images=config.eval.num_samples,
+    num_images=num_images,
     rng=jax.random.key(config.seed + 3),
+    decode=decode,
   )
+  if evaluator is None:
+    return {}, sample.image_grid(sample.to_uint8(next(batches)[:GRID_IMAGES]))[None]
   first = []
 
   def keep_first(batches):
     for batch in batches:
       if not first:
-        first.append(sample.to_uint8(batch[:64]))
+        first.append(sample.to_uint8(batch[:GRID_IMAGES]))
       yield batch
 
-  results = eval_metrics.evaluate_samples(keep_first(batches), feature_fn, ref)
-  writer = metrics.create_writer(workdir)
+  results = evaluator(keep_first(batches), sample.drawn_labels(config, num_images))
+  return results, sample.image_grid(first[0])[None]
+
+
+def write_results(workdir: str, writer, step: int, results: dict, grid, **extra) -> None:
+  """Metrics and grid through the metric writer; metrics and `extra` to eval_<step>.json."""
   writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-  writer.write_images(step, {"eval/samples": sample.image_grid(first[0])[None]})
+  writer.write_images(step, {"eval/samples": grid})
   writer.flush()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-      json.dump(
-        dict(
-          results,
-          step=step,
-          sampler=config.sample.sampler,
-          steps=config.sample.steps,
-          guidance_scale=config.sample.guidance_scale,
-        ),
-        f,
-      )
-  logging.info("Evaluation at step %d: %s", step, results)
+      json.dump(dict(results, step=step, **extra), f)
+
+
+def evaluate(config, workdir: str) -> dict:
+  """The metrics of `evaluators.create` (FID with Inception weights, FD-FMNIST / FD-shapes on
+  those data sets) of eval.num_samples samples of the workdir's latest checkpoint."""
+  sample.check_config(config)
+  evaluator = evaluators.create(config)
+  if evaluator is None:
+    raise ValueError(
+      f"--mode=evaluate has no metric for data.name={config.data.name!r}: set "
+      "--config.eval.inception_path (convert_inception) and --config.eval.ref_stats."
+    )
+  graphdef, params, step = train_state.restore_for_sampling(config, workdir)
+  schedule = diffusion.create_schedule(config.diffusion)
+  run = sample.make_sampler(graphdef, schedule, config.sample, config.model.num_classes)
+  results, grid = sample_and_measure(
+    config,
+    run,
+    params,
+    evaluator,
+    num_images=config.eval.num_samples,
+    decode=sample.load_decoder(config),
+  )
+  write_results(
+    workdir,
+    metrics.create_writer(workdir),
+    step,
+    results,
+    grid,
+    sampler=config.sample.sampler,
+    steps=config.sample.steps,
+    guidance_scale=config.sample.guidance_scale,
+  )
+  logging.info("Evaluation at step %d: %s", step, evaluator.summary(results))
   return results
 
 

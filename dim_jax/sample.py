@@ -44,11 +44,11 @@ def make_sampler(graphdef, schedule, sample_config, null_label: int):
   )
 
   @jax.jit
-  def run(params, noise, labels, rng):
+  def sample_batch(params, noise, labels, rng):
     model = nnx.merge(graphdef, params)
     return diffusion.sample(model, schedule, noise, labels, rng, **options)
 
-  return run
+  return sample_batch
 
 
 # The VAE decoder's mid-block attention holds (b, L, L) float32 logits, L = latent pixels: 5.4 GB
@@ -74,15 +74,21 @@ def load_decoder(config):
   return vae.make_decode_fn(model)
 
 
-def generate_batches(graphdef, params, schedule, *, config, num_images: int, rng: jax.Array):
-  """Yields samples in batches of sample.batch_size, (b, H, W, C) in [-1, 1], decoded by the
-  VAE when `vae.path` is set: never more than one batch of images in memory."""
+def drawn_labels(config, num_images: int) -> np.ndarray | None:
+  """The classes that `generate_batches` draws, or None for an unconditional model."""
+  if config.diffusion.p_uncond >= 1.0:
+    return None
+  return sample_labels(num_images, config.model.num_classes, unconditional=False)
+
+
+def generate_batches(run, params, *, config, num_images: int, rng: jax.Array, decode=None):
+  """Yields samples in batches of sample.batch_size, (b, H, W, C) in [-1, 1], decoded by `decode`
+  (`load_decoder`) when given: never more than one batch of images in memory. `run` is a
+  `make_sampler` function, made once so that repeated calls compile once."""
   model_cfg, sample_cfg = config.model, config.sample
   side = sample_side(config)
   shape = (side, side, model_cfg.in_channels)
   labels = sample_labels(num_images, model_cfg.num_classes, config.diffusion.p_uncond >= 1.0)
-  run = make_sampler(graphdef, schedule, sample_cfg, model_cfg.num_classes)
-  decode = load_decoder(config)
   for start in range(0, num_images, sample_cfg.batch_size):
     rng, noise_rng, sample_rng = jax.random.split(rng, 3)
     batch_labels = jnp.asarray(labels[start : start + sample_cfg.batch_size])
@@ -90,14 +96,16 @@ def generate_batches(graphdef, params, schedule, *, config, num_images: int, rng
     x = run(params, noise, batch_labels, sample_rng)
     if decode is not None:
       x = decode_in_slices(decode, x)
-    logging.info("sampled %d / %d images", start + len(batch_labels), num_images)
+    logging.log_every_n_seconds(
+      logging.INFO, "sampled %d / %d images", 10, start + len(batch_labels), num_images
+    )
     yield np.asarray(jax.device_get(x))
 
 
-def generate(graphdef, params, schedule, *, config, num_images: int, rng: jax.Array) -> np.ndarray:
+def generate(run, params, *, config, num_images: int, rng: jax.Array, decode=None) -> np.ndarray:
   """`num_images` samples -> (N, H, W, C) in [-1, 1] (see `generate_batches`)."""
   batches = generate_batches(
-    graphdef, params, schedule, config=config, num_images=num_images, rng=rng
+    run, params, config=config, num_images=num_images, rng=rng, decode=decode
   )
   return np.concatenate(list(batches))
 
@@ -144,8 +152,11 @@ def sample_from_workdir(
   num_images = num_images or config.sample.num_images
   schedule = diffusion.create_schedule(config.diffusion)
   rng = jax.random.key(config.seed + 2)
+  run = make_sampler(graphdef, schedule, config.sample, config.model.num_classes)
   images = to_uint8(
-    generate(graphdef, params, schedule, config=config, num_images=num_images, rng=rng)
+    generate(
+      run, params, config=config, num_images=num_images, rng=rng, decode=load_decoder(config)
+    )
   )
   name = f"sample_{config.sample.sampler}_{config.sample.steps}steps_step{step}"
   guidance = upsample_guidance(config.sample)

@@ -21,7 +21,18 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dim_jax import checkpoint, data, diffusion, files, metrics, parallel, sample, train_state
+from dim_jax import (
+  checkpoint,
+  data,
+  diffusion,
+  evaluate,
+  evaluators,
+  files,
+  metrics,
+  parallel,
+  sample,
+  train_state,
+)
 
 
 class _StopSignal:
@@ -139,6 +150,7 @@ def make_train_step(config, graphdef, tx, lr_schedule, schedule):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
   # ---------------------------------------------------------------- Workdir
+  t_start = time.time()  # wall time from here, compilation included
   files.check_writable(workdir)
   writer = metrics.create_writer(workdir)
   writer.write_hparams(config.to_dict())
@@ -233,10 +245,50 @@ def train_and_evaluate(config, workdir: str) -> dict:
     config.train.batch_size,
   )
 
+  # ---------------------------------------------------------------- Evals
+  # One jitted sampler for the evaluations and the final grid: it compiles once. Time spent here
+  # is kept apart (eval_seconds), so that the progress line's rate is the training rate.
+  t_eval = time.time()
+  sampler = sample.make_sampler(graphdef, schedule, config.sample, config.model.num_classes)
+  decode = sample.load_decoder(config)
+  evaluator = evaluators.create(config) if config.eval.every else None
+  eval_seconds = time.time() - t_eval
+
+  def run_evaluation(step, ema_params):
+    t = time.time()
+    results, grid = evaluate.sample_and_measure(
+      config,
+      sampler,
+      ema_params,
+      evaluator,
+      num_images=config.eval.num_samples if evaluator else evaluate.GRID_IMAGES,
+      decode=decode,
+    )
+    seconds = time.time() - t
+    train_seconds = t - t_start - eval_seconds
+    evaluate.write_results(
+      workdir,
+      writer,
+      step,
+      dict(results, seconds=seconds, train_seconds=train_seconds),
+      grid,
+      baselines=evaluator.baselines if evaluator else {},
+      time=t,  # unix time of this evaluation's start
+      eval_seconds=eval_seconds,  # spent evaluating before it
+    )
+    logging.info(
+      "Eval at step %d (EMA weights, %d samples, %.0f s): %s",
+      step,
+      results.get("num_samples", 0),
+      seconds,
+      evaluator.summary(results) if evaluator else "sample grid only",
+    )
+    return seconds
+
   # ---------------------------------------------------------------- Loop
   num_steps = config.train.num_steps
   stop = _StopSignal()
-  last_good_step, t_start, t_last, step_last = start_step, time.time(), time.time(), start_step
+  last_good_step, t_last, step_last = start_step, time.time(), start_step
   data_counts = collections.Counter()  # bad / converted files seen (file sources only)
   logging.info("Training from step %d to %d", start_step, num_steps)
   for step in range(start_step + 1, num_steps + 1):
@@ -281,7 +333,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if checkpoint.save(manager, step, state, force=stopping):
       last_good_step = step
     if config.train.sample_every and step % config.train.sample_every == 0:
-      write_samples(config, workdir, graphdef, state, schedule, step, writer)
+      write_samples(config, workdir, state, sampler, decode, step, writer)
+    due_eval = config.eval.every and (step % config.eval.every == 0 or step == num_steps)
+    if due_eval and not stopping:
+      seconds = run_evaluation(step, state["ema_params"])
+      eval_seconds += seconds
+      t_last += seconds  # the next progress line's rate leaves the evaluation out
     if stopping:
       break
 
@@ -290,20 +347,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if final_step != last_good_step:
     checkpoint.save(manager, final_step, state, force=True)
   manager.wait_until_finished()
-  logging.info("Trained %d steps in %s", final_step - start_step, _eta(time.time() - t_start))
+  logging.info(
+    "Trained %d steps in %s (%s of it evaluating)",
+    final_step - start_step,
+    _eta(time.time() - t_start),
+    _eta(eval_seconds),
+  )
   if not stop.stopping and config.sample.num_images > 0:
-    write_samples(config, workdir, graphdef, state, schedule, final_step, writer)
+    write_samples(config, workdir, state, sampler, decode, final_step, writer)
   writer.flush()
   return state
 
 
-def write_samples(config, workdir, graphdef, state, schedule, step, writer) -> str:
-  """Samples a grid with the EMA parameters and writes it as PNG and to the metric writer."""
+def write_samples(config, workdir, state, sampler, decode, step, writer) -> str:
+  """Samples a grid with the EMA (or raw) parameters; writes it as PNG and to the metric writer."""
   params = state["ema_params"] if config.sample.use_ema else state["params"]
   rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
   images = sample.to_uint8(
     sample.generate(
-      graphdef, params, schedule, config=config, num_images=config.sample.num_images, rng=rng
+      sampler, params, config=config, num_images=config.sample.num_images, rng=rng, decode=decode
     )
   )
   path = sample.save_grid(os.path.join(workdir, f"samples_{step:07d}.png"), images)

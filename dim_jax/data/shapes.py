@@ -54,6 +54,19 @@ def render_shape(index: int, image_size: int) -> tuple[np.ndarray, int]:
   return np.round(image * 255).astype(np.uint8), label
 
 
+def foreground_mask(images: np.ndarray) -> np.ndarray:
+  """uint8 (B, S, S, 3) -> uint8 (B, S, S, 1): each pixel's colour distance from the background,
+  scaled so that the farthest pixel of each image is 255. The background is the median of the
+  image's border (the corners always lie outside the shape), so the mask keeps the geometry of
+  an example and drops its two random colours."""
+  x = images.astype(np.float32)
+  border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # (B, 4S, 3)
+  background = np.median(border, axis=1)[:, None, None]  # (B, 1, 1, 3)
+  distance = np.sqrt(np.sum((x - background) ** 2, axis=-1, keepdims=True))
+  peak = np.maximum(distance.max(axis=(1, 2, 3), keepdims=True), 1.0)
+  return np.round(255 * distance / peak).astype(np.uint8)
+
+
 class ShapesSource(ImageSource):
   """Random-access source of `num_examples` procedural shapes at `image_size`² (RGB, uint8)."""
 
