@@ -4,8 +4,8 @@ Each metric consumes features from a `feature_fn`: uint8 images (B, H, W, C) -> 
   "pool"    (B, D)    -> FID (Heusel et al. 2017), precision and recall;
   "spatial" (B, D_s)  -> sFID (Nash et al. 2021), optional;
   "logits"  (B, K)    -> Inception Score (Salimans et al. 2016), optional.
-`models.inception.make_feature_fn` gives the FID Inception's (2048, 2023, 1008); the Fashion-MNIST
-classifier of `fmnist_classifier` gives a small offline stand-in (FD-FMNIST).
+`models.inception.make_feature_fn` gives the FID Inception's (2048, 2023, 1008); the data-set
+classifiers of `eval_classifier` give small offline stand-ins (FD-FMNIST, FD-shapes).
 
 Entry points:
   evaluate_samples(sample_batches, feature_fn, ref) -> {"fid", "sfid", "inception_score",
