@@ -4,10 +4,9 @@ The step is train.make_train_step exactly (ε-MSE, clipped AdamW, EMA), jitted w
 the recipe's shardings (configs/pretrain_256.py: FSDP over every device, the batch split over
 them) as train.py jits it, on random latents (256²: 32×32×4) and labels; --batch is per device.
 Model FLOPs per image are counted analytically (`dim_jax/models/flops.py`, all matmuls, convs and
-the scan's elementwise work) times 3 for the forward and backward passes; rematerialised
-recomputation is not counted, as usual for MFU. The bound is the bf16 matmul rate measured in the
-same run, times the number of devices. Also: the largest batch that fits for DiM-H/2 at 512² and
-1024² (tried from a list, largest first).
+the scan's elementwise work) times 3 for the forward and backward passes (train_flops_per_image).
+The bound is the bf16 matmul rate measured in the same run, times the number of devices. Also:
+the largest batch that fits for DiM-H/2 at 512² and 1024² (tried from a list, largest first).
 
   python -m benchmarks.train_step                      # GPU: DiM-S/L/H at 256², batch search
   python -m benchmarks.train_step --tiny               # CPU smoke run
@@ -53,10 +52,30 @@ def matmul_rate(n: int) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
-def sharded_step(config):
-  """(jitted step, init_state, state sharding, batch sharding, mesh) as train.py builds them."""
+def train_flops_per_image(model_config) -> float:
+  """Model FLOPs of one training image: 3 × the analytic forward count (the backward pass costs
+  about twice the forward); rematerialised recomputation is not counted, as usual for MFU."""
+  m = model_config
+  arch = dim_preset(m.variant) if m.variant else dict(width=m.width, depth=m.depth)
+  patch = arch.pop("patch_size", m.patch_size)
+  grid = m.input_size // patch
+  forward = dim_flops(
+    grid=(grid, grid),
+    patch_size=patch,
+    in_channels=m.in_channels,
+    d_state=m.d_state,
+    d_conv=m.d_conv,
+    expand=m.expand,
+    **arch,
+  )
+  return 3 * forward.total
+
+
+def sharded_step(config, mesh=None):
+  """(jitted step, init_state, state sharding, batch sharding, mesh) as train.py builds them, on
+  `mesh` (default: the config's mesh over every device)."""
   graphdef, init_state, tx, lr = train_state.build_state(config)
-  mesh = parallel.create_mesh(config.mesh)
+  mesh = mesh or parallel.create_mesh(config.mesh)
   state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh, config.mesh.rules)
   batch_sharding = parallel.batch_sharding(mesh)
   step = jax.jit(
@@ -68,15 +87,19 @@ def sharded_step(config):
   return step, init_state, state_sharding, batch_sharding, mesh
 
 
+def random_batch(config) -> dict:
+  """Random latents (global batch, 32, 32, 4) at 256², and labels."""
+  size, n = config.model.input_size, config.train.batch_size
+  return {
+    "image": jax.random.normal(jax.random.key(1), (n, size, size, config.model.in_channels)),
+    "label": jnp.arange(n, dtype=jnp.int32) % config.model.num_classes,
+  }
+
+
 def time_step(config, iters: int):
   """Median seconds per step, peak bytes, or (None, error) when it does not fit."""
   step, init_state, state_sharding, batch_sharding, mesh = sharded_step(config)
-  size = config.model.input_size
-  batch = {  # (global batch, 32, 32, 4) latents at 256²
-    "image": jax.random.normal(jax.random.key(1), (config.train.batch_size, size, size, 4)),
-    "label": jnp.arange(config.train.batch_size, dtype=jnp.int32) % 1000,
-  }
-  batch = jax.device_put(batch, batch_sharding)
+  batch = jax.device_put(random_batch(config), batch_sharding)
   try:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     with jax.set_mesh(mesh):  # as train.py: the Pallas scan runs per batch shard
@@ -118,10 +141,7 @@ def main(argv):
   for variant in args.variants.split(","):
     for remat in args.remat.split(","):
       config = config_for(variant, 256, args.batch, remat, args.scan_impl, args.tiny)
-      arch = dict(width=config.model.width, depth=config.model.depth)
-      if not args.tiny:
-        arch = {k: v for k, v in dim_preset(variant).items() if k != "patch_size"}
-      flops = 3 * dim_flops(grid=(16, 16), patch_size=2, in_channels=4, **arch).total
+      flops = train_flops_per_image(config.model)
       seconds, peak_bytes = time_step(config, args.iters)
       if seconds is None:
         rows.append(f"| DiM-{variant} | {remat} | {args.batch} | {peak_bytes} | | | | |")

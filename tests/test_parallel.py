@@ -117,6 +117,7 @@ from benchmarks import train_step
 
 c = train_step.config_for("S/2", 256, 4, "block", "reference", tiny=True)
 c.model.update(width=64, depth=3)
+c.mesh.update(data=2, fsdp=2)
 step, init_state, state_sharding, rows, mesh = train_step.sharded_step(c)
 n = c.train.batch_size
 batch = {"image": jax.ShapeDtypeStruct((n, 32, 32, 4), jnp.float32, sharding=rows),
@@ -128,18 +129,20 @@ with jax.set_mesh(mesh):
 ops = re.findall(r"= (\\S+) (all-gather|all-reduce|reduce-scatter|all-to-all)\\(", hlo)
 assert any(op == "all-gather" for _, op in ops), "expected the FSDP weight gathers"
 tokens = 366  # 16 x 16 patches with pads and prefix, as the 256² model
-bad = [shape for shape, _ in ops if shape.split("[")[1].startswith(f"{n},{tokens}")]
+activations = (f"{n},{tokens},", f"{n},16,16,")  # (B, L, ...) and the (B, h, w, D) patch grid
+bad = [shape for shape, _ in ops if shape.split("[")[1].startswith(activations)]
 assert not bad, bad
 print("ok")
 """
 
 
 def test_train_step_moves_weights_not_activations():
-  """The compiled DiM step on 2 devices (FSDP): collectives gather weights; none carries a
-  full-batch activation (B, L, ...), which the partitioner chose before the activations were
-  constrained to batch rows (it OOMed DiM-H/2 on 2 GPUs)."""
+  """The compiled DiM step on a 2 x 2 (data x fsdp) mesh: collectives gather weights; none
+  carries a full-batch activation (B, L, ...), which the partitioner chose before the activations
+  were constrained to batch rows (it OOMed DiM-H/2 on 2 GPUs), nor the (B, h, w, D) grid around
+  the depth-wise convs, which it gathered whole while their weights were split by channel."""
   result = subprocess.run(
-    [sys.executable, "-c", NO_GATHERED_ACTIVATIONS], env=_env(2), cwd=REPO, capture_output=True,
+    [sys.executable, "-c", NO_GATHERED_ACTIVATIONS], env=_env(4), cwd=REPO, capture_output=True,
     text=True,
   )  # fmt: skip
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

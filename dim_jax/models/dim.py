@@ -51,15 +51,19 @@ def resize_position_table(table: jax.Array, h: int, w: int) -> jax.Array:
 
 
 def depthwise_conv3x3(dim: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  """The paper's "lightweight local feature enhancement": a depth-wise 3x3 conv with bias."""
+  """The paper's "lightweight local feature enhancement": a depth-wise 3x3 conv with bias.
+
+  Its 10 D parameters stay whole on every device: split over "fsdp" by channel, they made the
+  partitioner split the conv by channel too, moving the (B, H, W, D) activations there and back
+  (all-to-all, or on a data x fsdp mesh an all-gather of the whole batch)."""
   return nnx.Conv(
     dim,
     dim,
     kernel_size=(3, 3),
     padding="SAME",
     feature_group_count=dim,
-    kernel_init=nnx.with_partitioning(torch_default_init, (None, None, None, "embed")),
-    bias_init=nnx.with_partitioning(torch_default_bias_init(9), ("embed",)),
+    kernel_init=nnx.with_partitioning(torch_default_init, (None, None, None, None)),
+    bias_init=nnx.with_partitioning(torch_default_bias_init(9), (None,)),
     dtype=dtype,
     rngs=rngs,
   )
