@@ -9,9 +9,11 @@ between. Columns:
   img/s, MFU     train_step.train_flops_per_image × images / s, against k × the bf16 matmul rate
                  measured on device 0 in the same run
   efficiency     img/s / (k × the one-device img/s)
+  compile s      lowering and compiling the step (the persistent compilation cache, if set, counts)
   GiB planned    per device, from the compiled step: arguments + outputs - donated + temporaries
-  GiB peak       the devices' own high-water mark where they report one (GPU, TPU); it cannot be
-                 reset, so "≤ x" marks a row during which it did not rise
+  GiB peak       the devices' own high-water mark where they report one (GPU, TPU), of those whose
+                 mark rose during the row; it cannot be reset, so "≤ x" marks a row in which none
+                 did
   collectives    all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute ops in
                  the compiled step (loop bodies times their trip counts), the bytes each device
                  sends in ring algorithms, and the time those take at the all-gather bandwidth
@@ -199,7 +201,7 @@ class Row:
   step_s: float | None = None  # None: did not run (error)
   error: str = ""
   peak_bytes: int | None = None  # the devices' high-water mark, where reported
-  peak_rose: bool = True
+  peak_rose: bool = True  # False: no device's mark rose in this row, its peak is <= peak_bytes
 
 
 def _peaks(devices) -> list[int] | None:
@@ -286,11 +288,11 @@ def measure(steps: Steps, data: int, fsdp: int, batch: int, iters: int) -> Row:
       times.append(time.perf_counter() - t)
     row.step_s = statistics.median(times)
   except Exception as e:  # out of memory and friends: report, do not stop the table
-    row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}".replace("|", "/")
   after = _peaks(devices)
-  if after is not None:
-    row.peak_bytes = max(after)
-    row.peak_rose = any(a > b for a, b in zip(after, before, strict=True))
+  if after is not None:  # the marks of the devices that rose were reached in this row
+    rose = [a for a, b in zip(after, before, strict=True) if a > b]
+    row.peak_bytes, row.peak_rose = max(rose or after), bool(rose)
   return row
 
 
@@ -423,6 +425,8 @@ def main(argv):
   flops = train_step.train_flops_per_image(config.model)
   peak = train_step.matmul_rate(256 if args.tiny else 8192)
   counts = [k for k in map(int, args.devices.split(",")) if k <= jax.device_count()]
+  if not counts:
+    sys.exit(f"--devices={args.devices}: this host has {jax.device_count()} devices.")
   gathered = 2**22 if args.tiny else 2**30
   bandwidth = {k: all_gather_bandwidth(sub_mesh(1, k), gathered) for k in counts if k > 1}
 
