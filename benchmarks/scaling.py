@@ -44,8 +44,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from benchmarks import results, train_step
-from dim_jax.configs import pretrain_256
 from dim_jax import parallel
+from dim_jax.configs import pretrain_256
 
 GiB = 2**30
 
