@@ -108,9 +108,14 @@ def base_config() -> ml_collections.ConfigDict:
     num_steps=750_000,
     log_every=100,  # steps between progress lines and scalar metrics
     checkpoint_every=5000,
-    keep_checkpoints=3,  # most recent checkpoints kept
-    keep_period=0,  # also keep every checkpoint whose step is a multiple of this (0: none)
+    keep_checkpoints=3,  # most recent checkpoints kept (>= 1)
+    keep_every=0,  # also keep every checkpoint whose step is a multiple of this (0: none)
+    # Resume from this step's checkpoint instead of the newest one that restores (-1: newest).
+    restore_step=-1,
     sample_every=0,  # steps between sample grids during training (0: only at the end)
+    # "first:last", e.g. "100:105": record a jax.profiler trace of these steps into
+    # <workdir>/plugins/profile (TensorBoard's Profile tab); "" records none.
+    profile_steps="",
     # Stage transition: start a new run from another workdir's latest checkpoint (its weights;
     # the position table resized to this grid, EMA reset to the weights, a fresh optimizer).
     init_from="",

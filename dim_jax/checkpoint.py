@@ -4,6 +4,11 @@ One composite per step under `<workdir>/checkpoints/<step>`:
   state      {"step", "params", "opt_state", "ema_params"}, restored onto this mesh's shardings
              (so a run can resume on another device count).
 
+Kept: the `train.keep_checkpoints` newest and every multiple of `train.keep_every` (Orbax
+preservation policies). A checkpoint that no longer restores (damaged files) is set aside as
+`<step>.damaged` and the run resumes from the newest one that does; `train.restore_step` picks one.
+Sampling and stage transitions read only the parameters they use (Orbax partial restore).
+
 The data iterator's position is not saved: step k trains on global batch k of a stream that does
 not depend on the process count or row split, so train.py restarts the iterator at the restored
 step (data.create_train_iterator's `start_batch`). A per-process grain state would be wrong as soon
@@ -13,28 +18,45 @@ as the processes or their rows change. The `data_iter` item of older checkpoints
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 
 def create_manager(
-  workdir: str, *, keep: int = 3, save_every: int = 1, keep_period: int = 0
+  workdir: str, *, keep: int = 3, save_every: int = 1, keep_every: int = 0
 ) -> ocp.CheckpointManager:
-  """Keeps the `keep` latest checkpoints, and also every step divisible by `keep_period` (> 0)."""
+  """Saves every `save_every` steps; keeps the `keep` latest checkpoints, and also every step
+  divisible by `keep_every` (> 0)."""
+  if keep < 1 or save_every < 1 or keep_every < 0:
+    raise ValueError(f"keep={keep}, save_every={save_every} must be >= 1, keep_every >= 0.")
+  policies = ocp.checkpoint_managers
+  keep_policies = [policies.LatestN(n=keep)]
+  if keep_every:
+    keep_policies.append(policies.EveryNSteps(interval_steps=keep_every))
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep,
-    keep_period=keep_period or None,
-    save_interval_steps=save_every,
+    save_decision_policy=policies.FixedIntervalPolicy(save_every),
+    preservation_policy=policies.AnyPreservationPolicy(keep_policies),
     enable_async_checkpointing=True,
   )
-  handlers = {"state": ocp.StandardCheckpointHandler()}
-  # Orbax wants absolute paths; cloud paths (gs://...) already are.
-  root = workdir if "://" in workdir else os.path.abspath(workdir)
   return ocp.CheckpointManager(
-    epath.Path(root) / "checkpoints", options=options, item_handlers=handlers
+    _directory(workdir), options=options, item_handlers={"state": ocp.StandardCheckpointHandler()}
+  )
+
+
+def _directory(workdir: str) -> epath.Path:
+  # Orbax wants absolute paths; cloud paths (gs://...) already are.
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager:
+  """A read-only manager whose restores may take a part of the state (sampling, init_from)."""
+  return ocp.CheckpointManager(
+    _directory(workdir),
+    options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
+    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
   )
 
 
@@ -44,84 +66,165 @@ def save(manager: ocp.CheckpointManager, step: int, state, *, force=False) -> bo
   return manager.save(step, args=args, force=force)
 
 
+class IncompatibleCheckpoint(ValueError):
+  """A readable checkpoint of another model (not a damaged one)."""
+
+
 def _shapes(tree) -> dict[str, tuple]:
   """{"blocks/0/mixer/in_proj/kernel": shape} for stored metadata and NNX states alike."""
   return {param_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
   """One clear error naming the first parameter missing or misshaped: another model's checkpoint."""
   stored = _shapes(manager.item_metadata(step)["state"].tree["params"])
-  expected = _shapes(abstract_state["params"])
+  expected = _shapes(abstract_params)
   where = manager.directory / str(step)
   for name, shape in expected.items():
     if name not in stored:
-      raise ValueError(
+      raise IncompatibleCheckpoint(
         f"checkpoint {where} is from a different model: it has no parameter {name}. "
         "Use another --workdir or the config it was trained with."
       )
     if stored[name] != shape:
-      raise ValueError(
+      raise IncompatibleCheckpoint(
         f"checkpoint {where} is from a different model: parameter {name} has shape "
         f"{stored[name]} there and {shape} in this config."
       )
   if len(stored) != len(expected):
-    raise ValueError(
+    raise IncompatibleCheckpoint(
       f"checkpoint {where} is from a different model: {len(stored)} parameters there, "
       f"{len(expected)} in this config."
     )
 
 
+def _first_restorable(manager, restore_step, step: int | None, *, set_aside_damaged: bool):
+  """(step, restored) of `step`, else of the newest checkpoint that restores; (None, None) when
+  there is none. A damaged checkpoint (truncated or zeroed files, lost metadata) is skipped with
+  one log line, and with `set_aside_damaged` renamed to <step>.damaged (kept, out of the way of a
+  new save at its step)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None and step not in steps:
+    raise ValueError(
+      f"train.restore_step={step}: no such checkpoint in {manager.directory} (it has {steps})."
+    )
+  for candidate in [step] if step is not None else steps:
+    try:
+      return candidate, restore_step(candidate)
+    except IncompatibleCheckpoint:
+      raise
+    except Exception as e:  # what Orbax and TensorStore raise on damaged files varies
+      reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+      if step is not None:
+        raise ValueError(
+          f"train.restore_step={step}: checkpoint {manager.directory / str(step)} cannot be "
+          f"restored ({reason}); pick another step."
+        ) from None
+      damaged = manager.directory / str(candidate)
+      if set_aside_damaged:
+        if jax.process_index() == 0:
+          damaged.rename(damaged.parent / f"{candidate}.damaged")
+        multihost_utils.sync_global_devices("checkpoint set aside")
+        manager.reload()
+      logging.warning(
+        "checkpoint %s cannot be restored (%s)%s; trying the one before it.",
+        damaged,
+        reason,
+        f": moved to {candidate}.damaged" if set_aside_damaged else "",
+      )
+  if steps:
+    raise ValueError(
+      f"none of the checkpoints {steps} in {manager.directory} can be restored (see the log); "
+      "move them away or use another --workdir."
+    )
+  return None, None
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, shardings, step=None):
-  """Restores the latest (or given) step onto `shardings`; returns the state, or None if none.
-  The data iterator is positioned from the restored state["step"] (see the module docstring)."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None
-  check_compatible(manager, step, abstract_state)
+  """The state at `step` (default: the newest checkpoint that restores; damaged ones are set aside),
+  placed on `shardings`; None when there is no checkpoint. The data iterator is positioned from
+  the restored state["step"] (see the module docstring)."""
   target = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
   )
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
-  return restored["state"]
+
+  def restore_step(candidate):
+    check_compatible(manager, candidate, abstract_state["params"])
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    return manager.restore(candidate, args=args)["state"]
+
+  step, state = _first_restorable(manager, restore_step, step, set_aside_damaged=True)
+  if step is not None:
+    logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
+  return state
 
 
-def restore_params(workdir: str, abstract_state, shardings, *, use_ema: bool, step=None):
-  """Only the (EMA) parameters of a workdir's checkpoint, for sampling and evaluation."""
-  manager = create_manager(workdir)
-  step = manager.latest_step() if step is None else step
+def _partial_restore(manager, step: int, target: dict) -> dict:
+  """Only the parts of the state in `target` (ShapeDtypeStructs with their shardings)."""
+  args = ocp.args.PyTreeRestore(
+    item=target,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    partial_restore=True,
+  )
+  return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+
+def restore_params(workdir: str, abstract_params, shardings, *, use_ema: bool, step=None):
+  """Only the (EMA) parameters of a workdir's newest restorable checkpoint (or of `step`), read
+  straight onto `shardings`: for sampling and evaluation."""
+  key = "ema_params" if use_ema else "params"
+  target = {
+    key: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
+    )
+  }
+  manager = _reader(workdir)
+
+  def restore_step(candidate):
+    check_compatible(manager, candidate, abstract_params)
+    return _partial_restore(manager, candidate, target)[key]
+
+  step, params = _first_restorable(manager, restore_step, step, set_aside_damaged=False)
   if step is None:
     raise ValueError(
       f"no checkpoint in {workdir}/checkpoints: train first with --mode=train and this --workdir."
     )
-  state = restore(manager, abstract_state, shardings, step=step)
-  key = "ema_params" if use_ema else "params"
-  logging.info("Using the %s of step %d", key, int(np.asarray(state["step"])))
-  return state[key], step
+  logging.info("Using the %s of step %d", key, step)
+  return params, step
 
 
 def transfer_params(workdir: str, abstract_params, shardings, mesh, resize=None):
-  """Another run's latest weights for this model (stage transitions such as 256² -> 512²).
+  """Another run's newest weights for this model (stage transitions such as 256² -> 512²).
 
   Shapes must match, except where the model offers `resize(name, stored) -> array` (DiM: its
-  position table, to the new grid). Returns the parameters placed on `shardings` and a list of what
-  was changed, for the log.
+  position table, to the new grid). Only the parameters are read, each straight onto its sharding
+  here (a parameter to resize: replicated). Returns the parameters placed on `shardings` and a
+  list of what was changed, for the log.
   """
-  manager = create_manager(workdir)
-  step = manager.latest_step()
+  manager = _reader(workdir)
+  wanted = {param_name(p): (a, s) for (p, a), s in zip(
+    jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(shardings), strict=True
+  )}  # fmt: skip
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(path, stored):
+    abstract, sharding = wanted.get(param_name(path), (stored, replicated))
+    same = tuple(abstract.shape) == tuple(stored.shape)
+    return jax.ShapeDtypeStruct(
+      stored.shape, stored.dtype, sharding=sharding if same else replicated
+    )
+
+  def restore_step(candidate):
+    stored = manager.item_metadata(candidate)["state"].tree["params"]
+    target = {"params": jax.tree_util.tree_map_with_path(place, stored)}
+    return _shapes_to_arrays(_partial_restore(manager, candidate, target)["params"])
+
+  try:
+    step, source = _first_restorable(manager, restore_step, None, set_aside_damaged=False)
+  except ValueError as e:
+    raise ValueError(f"train.init_from={workdir}: {e}") from None
   if step is None:
     raise ValueError(f"train.init_from={workdir}: no checkpoint in {workdir}/checkpoints.")
-  stored = manager.item_metadata(step)["state"].tree
-  replicated = NamedSharding(mesh, PartitionSpec())
-  target = jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), stored
-  )
-  source = _shapes_to_arrays(
-    manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"][
-      "params"
-    ]
-  )
   changes = [f"weights from {workdir} step {step} (EMA reset to them, optimizer fresh)"]
 
   def convert(path, abstract):

@@ -36,17 +36,25 @@ from dim_jax import (
 
 
 class _StopSignal:
-  """Turns SIGTERM (preemption) into a flag the loop checks: save, then exit cleanly."""
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks: save, then exit
+  cleanly. A second Ctrl-C stops at once, as Python does by default."""
 
   def __init__(self):
     self.received = False  # this process got the signal
     self.stopping = False  # all processes agreed to stop at this step
     signal.signal(signal.SIGTERM, self._handle)
+    signal.signal(signal.SIGINT, self._handle)
 
   def _handle(self, signum, frame):
     del frame
     logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
     self.received = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def restore(self) -> None:
+    """Python's own handlers again, once the loop is over."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def stop_requested(stop: _StopSignal, step: int, every: int) -> bool:
@@ -58,6 +66,40 @@ def stop_requested(stop: _StopSignal, step: int, every: int) -> bool:
     flags = multihost_utils.process_allgather(np.array(stop.received))
     stop.stopping = bool(np.any(flags))
   return stop.stopping
+
+
+def check_train_config(train_config) -> None:
+  """Counts that must be positive, checked before anything is written or compiled."""
+  c = train_config
+  for field, value, least in [
+    ("batch_size", c.batch_size, 1),
+    ("grad_accum_steps", c.grad_accum_steps, 1),
+    ("num_steps", c.num_steps, 0),
+    ("log_every", c.log_every, 1),
+    ("checkpoint_every", c.checkpoint_every, 1),
+    ("keep_checkpoints", c.keep_checkpoints, 1),
+    ("keep_every", c.keep_every, 0),
+    ("sample_every", c.sample_every, 0),
+  ]:
+    if value < least:
+      raise ValueError(f"train.{field}={value} must be at least {least}.")
+  profile_range(c.profile_steps)
+
+
+def profile_range(profile_steps: str) -> tuple[int, int] | None:
+  """train.profile_steps "first:last" -> (first, last), or None when it is ""."""
+  if not profile_steps:
+    return None
+  try:
+    first, last = (int(x) for x in profile_steps.split(":"))
+  except ValueError:
+    first = last = 0
+  if not 1 <= first <= last:
+    raise ValueError(
+      f"train.profile_steps={profile_steps!r}: give 'first:last' steps, e.g. '100:105' (1 <= "
+      "first <= last), or '' for no trace."
+    )
+  return first, last
 
 
 def _eta(seconds: float) -> str:
@@ -130,11 +172,15 @@ def make_train_step(config, graphdef, tx, lr_schedule, schedule):
     ema = optax.tree.update_moment(
       params, state["ema_params"], ema_decay_at(state["step"], ema_decay), order=1
     )
+    # What the loop checks before it saves this state: its parameters, not only the loss that
+    # was computed before the update.
+    finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, ema))]
     step_metrics = dict(
       step_metrics,
       loss=loss,
-      grad_norm=optax.global_norm(grads),
+      grad_norm=optax.tree.norm(grads),
       learning_rate=lr_schedule(state["step"]),
+      params_finite=jnp.all(jnp.stack(finite)),
     )
     new_state = {
       "step": state["step"] + 1,
@@ -147,16 +193,39 @@ def make_train_step(config, graphdef, tx, lr_schedule, schedule):
   return train_step
 
 
+def _non_finite_message(step, checked, interval_loss, manager, start_step, workdir) -> str:
+  """Why the run stops (`checked`: the last step found finite), and a way on that cannot lead
+  back to the same state."""
+  if np.isfinite(interval_loss):
+    what = f"the parameters are not finite after step {step}"
+  else:
+    steps = f"step {step}" if checked + 1 == step else f"steps {checked + 1}..{step}"
+    what = f"the loss is {interval_loss} at {steps}"
+  message = f"{what}; stopping without saving. "
+  saved = sorted(manager.all_steps())
+  advice = "lower optim.learning_rate or enable optim.grad_clip_norm"
+  if not saved:
+    return message + f"No checkpoint was saved: {advice} and re-run."
+  message += (
+    f"The newest checkpoint, step {saved[-1]} in {workdir}/checkpoints, was finite when saved: "
+    f"{advice} and re-run to resume from it"
+  )
+  if saved[-1] == start_step:  # this run began there: resuming it again may fail the same way
+    earlier = [s for s in saved if s < start_step]
+    back = f"--config.train.restore_step={earlier[-1]} " if earlier else ""
+    message += (
+      f"; this run started there, so if it fails again resume from an earlier one with "
+      f"{back}(kept: {saved}) or start a new --workdir"
+    )
+  return message + "."
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
   # ---------------------------------------------------------------- Workdir
   t_start = time.time()  # wall time from here, compilation included
+  check_train_config(config.train)
   files.check_writable(workdir)
-  writer = metrics.create_writer(workdir)
-  writer.write_hparams(config.to_dict())
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------- Mesh
   mesh = parallel.create_mesh(config.mesh)
@@ -210,9 +279,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir,
     keep=config.train.keep_checkpoints,
     save_every=config.train.checkpoint_every,
-    keep_period=config.train.keep_period,
+    keep_every=config.train.keep_every,
   )
-  state = checkpoint.restore(manager, abstract_state, state_sharding)
+  restore_step = config.train.restore_step if config.train.restore_step >= 0 else None
+  state = checkpoint.restore(manager, abstract_state, state_sharding, step=restore_step)
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     if config.train.init_from:
@@ -229,6 +299,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("Stage transition: %s", change)
     logging.info("Initialised a new model in %s", workdir)
   start_step = int(jax.device_get(state["step"]))
+  # The workdir accepted this config (same model, or a new run): record it.
+  writer = metrics.create_writer(workdir)
+  writer.write_hparams(config.to_dict())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   # Step k reads global batch k (grad_accum_steps splits it, reads no more), and the global stream
   # is the same for any processes and rows: the step alone places the input, no saved iterator.
   train_iter = data.create_train_iterator(
@@ -287,36 +363,49 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- Loop
   num_steps = config.train.num_steps
+  profile, tracing = profile_range(config.train.profile_steps), False
   stop = _StopSignal()
-  last_good_step, t_last, step_last = start_step, time.time(), start_step
+  last_saved, t_last, step_last = start_step, time.time(), start_step
+  checked = start_step  # the last step whose loss and parameters were found finite
+  loss_sum = jnp.zeros((), jnp.float32)  # the interval's losses, summed on the device (no sync)
   data_counts = collections.Counter()  # bad / converted files seen (file sources only)
   logging.info("Training from step %d to %d", start_step, num_steps)
   for step in range(start_step + 1, num_steps + 1):
+    if profile and step == profile[0]:
+      jax.profiler.start_trace(workdir)  # -> <workdir>/plugins/profile/<time>/
+      tracing = True
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       local_batch = next(train_iter)
       data_counts.update(data.pop_counters(local_batch))
       batch = parallel.global_batch(local_batch, mesh)
       with jax.set_mesh(mesh):  # the Pallas scan then runs per batch shard (map_batch_shards)
         state, step_metrics = jit_train_step(state, batch)
+      loss_sum = loss_sum + step_metrics["loss"]
+    if tracing and step == profile[1]:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      tracing = False
+      logging.info("Wrote a trace of steps %d-%d to %s/plugins/profile", *profile, workdir)
 
     due_log = step % config.train.log_every == 0 or step == num_steps
     stopping = stop_requested(stop, step, config.train.log_every)
     due_save = manager.should_save(step) or stopping
-    if due_log or due_save:  # never save a state whose loss is not finite
-      step_metrics = jax.device_get(step_metrics)
-      if not np.isfinite(step_metrics["loss"]):
+    if due_log or due_save:  # never save a state that is not finite
+      step_metrics, interval_loss = jax.device_get((step_metrics, loss_sum))
+      if not (np.isfinite(interval_loss) and step_metrics.pop("params_finite")):
         manager.wait_until_finished()
         raise FloatingPointError(
-          f"loss is {step_metrics['loss']} at step {step}; stopping. The last good checkpoint "
-          f"(step {manager.latest_step()}) in {workdir}/checkpoints is intact: lower "
-          "optim.learning_rate or enable optim.grad_clip_norm, then re-run to resume."
+          _non_finite_message(step, checked, interval_loss, manager, start_step, workdir)
         )
+      checked = step
     if due_log:
       now = time.time()
       steps_per_sec = (step - step_last) / (now - t_last)
       step_metrics.update(data_counts)
       step_metrics.update(
-        steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * config.train.batch_size
+        loss=interval_loss / (step - step_last),  # the interval's mean, not one step's
+        steps_per_sec=steps_per_sec,
+        images_per_sec=steps_per_sec * config.train.batch_size,
       )
       writer.write_scalars(step, step_metrics)
       logging.info(
@@ -328,10 +417,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step_metrics["images_per_sec"],
         _eta((num_steps - step) / max(steps_per_sec, 1e-9)),
       )
-      t_last, step_last = now, step
+      t_last, step_last, loss_sum = now, step, jnp.zeros((), jnp.float32)
 
     if checkpoint.save(manager, step, state, force=stopping):
-      last_good_step = step
+      last_saved = step
     if config.train.sample_every and step % config.train.sample_every == 0:
       write_samples(config, workdir, state, sampler, decode, step, writer)
     due_eval = config.eval.every and (step % config.eval.every == 0 or step == num_steps)
@@ -341,10 +430,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       t_last += seconds  # the next progress line's rate leaves the evaluation out
     if stopping:
       break
+  if tracing:  # stopped inside the profiled steps
+    jax.profiler.stop_trace()
+  stop.restore()
 
   # ---------------------------------------------------------------- Samples
   final_step = int(jax.device_get(state["step"]))
-  if final_step != last_good_step:
+  if final_step != last_saved:
     checkpoint.save(manager, final_step, state, force=True)
   manager.wait_until_finished()
   logging.info(

@@ -10,9 +10,9 @@ checkpoint.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
+from clu import parameter_overview
 from flax import nnx
 
 from dim_jax import checkpoint, parallel
@@ -31,13 +31,7 @@ def weight_decay_mask(params, weight_decay_on: str):
 def create_optimizer(optim_config, params) -> optax.GradientTransformation:
   """AdamW after global-norm clipping, linear warm-up then constant (the official schedule)."""
   c = optim_config
-  lr = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1)),
-      optax.constant_schedule(c.learning_rate),
-    ],
-    [max(c.warmup_steps, 1)],
-  )
+  lr = optax.warmup_constant_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
   adamw = optax.adamw(
     lr,
     b1=c.b1,
@@ -55,7 +49,7 @@ def build_state(config):
   abstract_model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract_model)
   tx, lr_schedule = create_optimizer(config.optim, abstract_params)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  num_params = parameter_overview.count_parameters(nnx.to_pure_dict(abstract_params))
   logging.info("Model %s: %.2f M parameters", config.model.name, num_params / 1e6)
 
   def init_state():
@@ -71,12 +65,12 @@ def build_state(config):
 
 
 def restore_for_sampling(config, workdir: str):
-  """(graphdef, EMA or raw parameters, step) of a workdir's latest checkpoint."""
+  """(graphdef, EMA or raw parameters, step) of a workdir's newest checkpoint that restores."""
   mesh = parallel.create_mesh(config.mesh)
   graphdef, init_state, _, _ = build_state(config)
   abstract_state = jax.eval_shape(init_state)
   shardings = parallel.state_shardings(abstract_state, mesh, config.mesh.rules)
   params, step = checkpoint.restore_params(
-    workdir, abstract_state, shardings, use_ema=config.sample.use_ema
+    workdir, abstract_state["params"], shardings["params"], use_ema=config.sample.use_ema
   )
   return graphdef, params, step

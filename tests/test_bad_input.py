@@ -1,13 +1,16 @@
 """Every bad input answered in one line, with nothing lost: the message, the exit status, and the
 workdir's checkpoints and files as they were."""
 
+import logging
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from dim_jax import main, sample, train
+from dim_jax import checkpoint, main, sample, train, train_state
 from tests.test_train import tiny_config
 
 
@@ -78,3 +81,114 @@ def test_sampling_writes_elsewhere_and_never_over_an_earlier_file(tmp_path):
     ValueError, match=rf"^--out={blocker}/x is not writable \(.*\); choose another"
   ):
     sample.sample_from_workdir(config, str(tmp_path / "run"), out=str(blocker / "x"))
+
+
+# --- damaged checkpoints ------------------------------------------------------------------------
+
+
+def _state(step: int) -> dict:
+  w = jnp.arange(6, dtype=jnp.float32) + step
+  return {
+    "step": jnp.int32(step),
+    "params": {"w": w},
+    "opt_state": {"mu": 0 * w},
+    "ema_params": {"w": -w},
+  }
+
+
+def _damage(step_dir, how: str) -> None:
+  state = step_dir / "state"
+  if how == "no_metadata":
+    (state / "_METADATA").unlink()
+    return
+  data_files = [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for path in data_files:
+    blob = path.read_bytes()
+    if how == "truncated":
+      path.write_bytes(blob[: len(blob) // 2])
+    else:  # zeroed
+      path.write_bytes(bytes(len(blob)))
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "no_metadata"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, how):
+  manager = checkpoint.create_manager(str(tmp_path), keep=3)
+  for step in (2, 4):
+    checkpoint.save(manager, step, _state(step), force=True)
+  manager.wait_until_finished()
+  _damage(tmp_path / "checkpoints" / "4", how)
+  abstract = jax.eval_shape(lambda: _state(0))
+  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+
+  # Sampling reads only the EMA, and changes nothing in the workdir.
+  params, step = checkpoint.restore_params(
+    str(tmp_path), abstract["params"], shardings["params"], use_ema=True
+  )
+  assert step == 2 and np.array_equal(params["w"], -_state(2)["params"]["w"])
+  assert (tmp_path / "checkpoints" / "4").is_dir()
+  with pytest.raises(ValueError, match=r"^train.restore_step=4: checkpoint .* cannot be restored"):
+    checkpoint.restore(checkpoint.create_manager(str(tmp_path)), abstract, shardings, step=4)
+
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    state = checkpoint.restore(checkpoint.create_manager(str(tmp_path)), abstract, shardings)
+  assert int(state["step"]) == 2
+  ours = [r for r in caplog.records if r.pathname == checkpoint.__file__]  # Orbax adds its own
+  (line,) = [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+  assert "4 cannot be restored" in line and "moved to 4.damaged" in line and "\n" not in line
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4.damaged"]
+  manager = checkpoint.create_manager(str(tmp_path))
+  assert checkpoint.save(manager, 4, _state(4), force=True)  # its step is free again
+  manager.wait_until_finished()
+
+
+# --- training runs that must stop before they change anything -------------------------------------
+
+
+def _listing(root) -> dict:
+  return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_rejected_runs_leave_the_workdir_as_it_was(tmp_path):
+  config = tiny_config(num_steps=2)
+  config.sample.num_images = 0
+  train.train_and_evaluate(config, str(tmp_path))
+  before = _listing(tmp_path)
+  assert "checkpoints/2/commit_success.txt" in before and "config.json" in before
+  for field, value, message in [
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints=0 must be at least 1"),
+    ("train.log_every", 0, "train.log_every=0 must be at least 1"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every=0 must be at least 1"),
+    ("train.profile_steps", "7", "train.profile_steps='7': give 'first:last' steps"),
+    ("train.restore_step", 1, r"train.restore_step=1: no such checkpoint .* \(it has \[2\]\)"),
+    ("model.width", 48, "is from a different model"),  # a resume with another model
+  ]:
+    bad = tiny_config(num_steps=4)
+    section, name = field.split(".")
+    bad[section][name] = value
+    with pytest.raises(ValueError, match=message) as error:
+      train.train_and_evaluate(bad, str(tmp_path))
+    assert "\n" not in str(error.value)
+    assert _listing(tmp_path) == before, field  # checkpoints and config.json untouched
+
+
+def test_non_finite_parameters_are_never_saved_and_the_advice_does_not_loop(tmp_path):
+  config = tiny_config(num_steps=8)
+  config.optim.update(learning_rate=1e39, warmup_steps=0, grad_clip_norm=0.0)
+  config.train.update(checkpoint_every=1, log_every=4)
+  config.sample.num_images = 0
+  with pytest.raises(FloatingPointError) as first:
+    train.train_and_evaluate(config, str(tmp_path))
+  graphdef, init_state, _, _ = train_state.build_state(config)
+  abstract = jax.eval_shape(init_state)
+  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+  manager = checkpoint.create_manager(str(tmp_path))
+  for step in manager.all_steps():  # whatever was saved is finite
+    state = checkpoint.restore(manager, abstract, shardings, step=step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)), step
+  message = str(first.value)
+  assert "stopping without saving" in message and "\n" not in message
+  with pytest.raises(FloatingPointError) as again:  # the advice followed as far as it goes
+    train.train_and_evaluate(config, str(tmp_path))
+  assert str(again.value) != message or "No checkpoint was saved" in message, message

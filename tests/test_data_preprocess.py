@@ -31,9 +31,10 @@ EXAMPLE_FLIPPED_SCALED = np.array([[-0.8039215686, -0.9529411765], [-0.607843137
 def test_crop_flip_scale_match_the_hand_computed_example():
   crop = preprocess.adm_center_crop(Image.fromarray(EXAMPLE), 2)
   np.testing.assert_array_equal(crop, EXAMPLE_CROP)
-  flipped = preprocess.RandomFlip(seed=0)
-  for position in range(64):  # some positions flip, some do not
-    out = flipped(position, {"image": crop[..., None], "label": 0})["image"][..., 0]
+  flipped = preprocess.RandomFlip()
+  for position in range(64):  # some draws flip, some do not
+    example = {"image": crop[..., None], "label": 0}
+    out = flipped.random_map(example, np.random.default_rng(position))["image"][..., 0]
     if out[0, 0] == 25:
       scaled = preprocess.to_unit_range(out)
       np.testing.assert_allclose(scaled, EXAMPLE_FLIPPED_SCALED, atol=1e-7)

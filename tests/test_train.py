@@ -149,10 +149,10 @@ def test_relative_workdir_gets_checkpoints(tmp_path, monkeypatch):
   assert (tmp_path / "relative" / "run" / "checkpoints" / "2").is_dir()
 
 
-def test_keep_period_keeps_milestones_beyond_the_latest(tmp_path):
+def test_keep_every_keeps_milestones_beyond_the_latest(tmp_path):
   config = tiny_config(num_steps=8)
   config.sample.num_images = 0
-  config.train.update(checkpoint_every=2, keep_checkpoints=1, keep_period=4)
+  config.train.update(checkpoint_every=2, keep_checkpoints=1, keep_every=4)
   train.train_and_evaluate(config, str(tmp_path))
   kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert kept == [4, 8], kept

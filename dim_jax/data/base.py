@@ -16,8 +16,8 @@ class ImageSource:
   """Base of the pixel sources: examples are {"image": uint8 (H, W, C), "label": int}.
 
   Subclasses set `image_shape`, `num_classes`, `random_flip` and implement `__len__` and
-  `__getitem__` (deterministic: decode, crop or pad). The random flip happens in `augment`, keyed
-  by stream position, and `finalize` scales whole batches to float32 [-1, 1].
+  `__getitem__` (deterministic: decode, crop or pad). The random flip happens in `augment`, a grain
+  random map keyed by stream position, and `finalize` scales whole batches to float32 [-1, 1].
   """
 
   image_shape: tuple[int, int, int]
@@ -33,8 +33,8 @@ class ImageSource:
   def info(self) -> DatasetInfo:
     return DatasetInfo(tuple(self.image_shape), self.num_classes, len(self))
 
-  def augment(self, seed: int) -> preprocess.RandomFlip:
-    return preprocess.RandomFlip(seed, enabled=self.random_flip)
+  def augment(self) -> preprocess.RandomFlip:
+    return preprocess.RandomFlip(enabled=self.random_flip)
 
   def finalize(self, batch: dict) -> dict:
     return preprocess.scale_batch(batch)

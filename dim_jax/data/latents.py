@@ -17,7 +17,6 @@ import os
 import grain
 import numpy as np
 
-from dim_jax.data import preprocess
 from dim_jax.data.base import DatasetInfo
 
 SD_LATENT_SCALE = 0.18215
@@ -42,14 +41,14 @@ def decode_record(record: bytes, latent_shape, dtype: str) -> tuple[int, np.ndar
   return label, moments.reshape(2, 2, *latent_shape).astype(np.float32)
 
 
-class SamplePosterior:
-  """grain map_with_index transform: moments -> scaled posterior sample, one flip at random."""
+class SamplePosterior(grain.transforms.RandomMap):
+  """grain random map: moments -> scaled posterior sample, one flip at random (`rng` is grain's,
+  seeded from the pipeline seed and the stream position, as for preprocess.RandomFlip)."""
 
-  def __init__(self, seed: int, scale: float, random_flip: bool):
-    self.seed, self.scale, self.random_flip = seed, scale, random_flip
+  def __init__(self, scale: float, random_flip: bool):
+    self.scale, self.random_flip = scale, random_flip
 
-  def __call__(self, position: int, example: dict) -> dict:
-    rng = preprocess.example_rng(self.seed, position)
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     side = int(rng.integers(2)) if self.random_flip else 0
     mean, logvar = example["moments"][side]  # (h, w, c) each
     std = np.exp(0.5 * np.clip(logvar, *_LOGVAR_RANGE))
@@ -92,8 +91,8 @@ class LatentSource:
   def info(self) -> DatasetInfo:
     return DatasetInfo(self.latent_shape, self.metadata["num_classes"], len(self))
 
-  def augment(self, seed: int) -> SamplePosterior:
-    return SamplePosterior(seed, self.scale, self.random_flip)
+  def augment(self) -> SamplePosterior:
+    return SamplePosterior(self.scale, self.random_flip)
 
   def finalize(self, batch: dict) -> dict:
     return dict(batch, label=batch["label"].astype(np.int32))

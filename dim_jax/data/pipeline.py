@@ -2,7 +2,7 @@
 rows of each global batch, batch, prefetch.
 
   source.shuffle(seed).repeat()           the global stream: a new permutation every epoch
-  .map_with_index(augment)                random flip / posterior sample keyed by stream position
+  .random_map(augment, seed)              random flip / posterior sample keyed by stream position
   rows (start, stop) of each global batch what this process's devices hold of it
   .to_iter_dataset(ReadOptions)           `read_threads` threads decode ahead of the consumer
   .batch(stop - start).map(finalize)      uint8 -> float32 [-1, 1] on whole batches
@@ -14,6 +14,8 @@ workers (one GPU or a pod give the same losses). Everything before `to_iter_data
 index-based, so the iterator can start at any global batch (`start_batch`): a run resumed at step
 k starts at batch k and sees exactly the batches an uninterrupted one would, whatever its layout.
 """
+
+import signal
 
 import grain
 from absl import flags
@@ -166,7 +168,7 @@ def create_train_iterator(
     raise ValueError(f"start_batch={start_batch} must be >= 0 (a global batch index).")
   source = make_source(data_cfg)
   stream = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
-  stream = stream.map_with_index(source.augment(seed))
+  stream = stream.random_map(source.augment(), seed=seed % 2**32)
   workers = max(data_cfg.get("worker_count", 0), 1)
   local = grain.MapDataset.range((len(stream) // batch_size - start_batch) * (stop - start))
   local = local.map(RowsOfGlobalBatches(stream, batch_size, (start, stop), start_batch, workers))
@@ -188,5 +190,14 @@ def batched_stream(
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; scripts outside absl.app
       flags.FLAGS.mark_as_parsed()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    stream = stream.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_ignore_ctrl_c
+    )
   return stream
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """Ctrl-C reaches the whole process group; the main process saves and stops the workers, which
+  must not die (or swallow it) first."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -3,6 +3,7 @@
 Every function here is pure NumPy or PIL (never JAX), so grain may run them in worker processes.
 """
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -39,24 +40,20 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-def example_rng(seed: int, position: int) -> np.random.Generator:
-  """The random stream of one example: a function of (seed, global stream position) only.
+class RandomFlip(grain.transforms.RandomMap):
+  """Horizontal flip of example["image"] with probability 1/2.
 
-  Keyed by position in the endless global stream (not by the example), so an example gets a
-  fresh flip / posterior sample every epoch, a restored iterator draws the same numbers, and
-  every process count draws the same numbers for the same row of the same global batch.
+  A grain random map over the endless global stream: grain seeds `rng` from the pipeline's seed
+  and the stream position (not the example), so an example gets a fresh flip every epoch, a
+  restarted iterator draws the same numbers, and every process count draws the same numbers for
+  the same row of the same global batch.
   """
-  return np.random.default_rng((seed, position))
 
+  def __init__(self, enabled: bool = True):
+    self.enabled = enabled
 
-class RandomFlip:
-  """grain map_with_index transform: horizontal flip of example["image"] with probability 1/2."""
-
-  def __init__(self, seed: int, enabled: bool = True):
-    self.seed, self.enabled = seed, enabled
-
-  def __call__(self, position: int, example: dict) -> dict:
-    if self.enabled and example_rng(self.seed, position).random() < 0.5:
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    if self.enabled and rng.random() < 0.5:
       example = dict(example, image=example["image"][:, ::-1])
     return example
 
