@@ -5,6 +5,7 @@ The development recipe behind benchmarks/quality.py (FD-FMNIST).
   python -m dim_jax.main --config=configs/fashion_mnist.py --workdir=workdir/fmnist \\
       --config.data.data_dir=/usr/share/datasets/fashion-mnist
   python -m dim_jax.main --config=configs/fashion_mnist.py:smoke --workdir=/tmp/smoke_fmnist
+      # (a tiny model on the procedural shapes, like every :smoke: no Fashion-MNIST needed)
 """
 
 from dim_jax.configs import common

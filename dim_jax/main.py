@@ -31,12 +31,22 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _orbax_in_one_line(record: pylogging.LogRecord) -> bool:
+  """Orbax's per-save INFO chatter stays out of the progress log; its warnings and errors show as
+  one line each (a failed save, e.g. a full disk, logs a traceback from each of its threads
+  before the error reaches main, which prints it). DIM_JAX_TRACEBACK=1 keeps the tracebacks."""
+  if f"{os.sep}orbax{os.sep}" not in record.pathname:
+    return True
+  if record.levelno < pylogging.WARNING:
+    return False
+  if not os.environ.get("DIM_JAX_TRACEBACK"):
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
+
+
 def _quiet_libraries() -> None:
-  """Keeps Orbax's per-save INFO chatter out of the progress log (warnings still show)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices
-  pylogging.getLogger("absl").addFilter(
-    lambda r: r.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in r.pathname
-  )
+  pylogging.getLogger("absl").addFilter(_orbax_in_one_line)
 
 
 def _initialize_distributed(jax) -> None:

@@ -394,6 +394,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       step_metrics, interval_loss = jax.device_get((step_metrics, loss_sum))
       if not (np.isfinite(interval_loss) and step_metrics.pop("params_finite")):
         manager.wait_until_finished()
+        stop.restore()
         raise FloatingPointError(
           _non_finite_message(step, checked, interval_loss, manager, start_step, workdir)
         )

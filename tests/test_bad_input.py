@@ -3,6 +3,8 @@ workdir's checkpoints and files as they were."""
 
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dim_jax import checkpoint, main, sample, train, train_state
-from tests.test_train import tiny_config
+from tests.test_train import REPO, tiny_config
 
 
 def _parse_error(argv) -> str:
@@ -192,3 +194,46 @@ def test_non_finite_parameters_are_never_saved_and_the_advice_does_not_loop(tmp_
   with pytest.raises(FloatingPointError) as again:  # the advice followed as far as it goes
     train.train_and_evaluate(config, str(tmp_path))
   assert str(again.value) != message or "No checkpoint was saved" in message, message
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+  # The disk "fills up" (files stop growing past 64 KB) after the first checkpoint, at step 2.
+  script = f"""if True:
+    import resource, signal, sys
+    from dim_jax import checkpoint, main
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    save = checkpoint.save
+
+    def save_on_a_full_disk(manager, step, *args, **kwargs):
+      if step > 2:
+        manager.wait_until_finished()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))
+      return save(manager, step, *args, **kwargs)
+
+    checkpoint.save = save_on_a_full_disk
+    sys.argv = ["dim-jax", "--config=configs/demo.py", "--workdir={tmp_path}",
+                *{_TINY_FLAGS!r}, "--config.train.num_steps=4"]
+    main.run()
+  """
+  run = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert run.returncode == 1, run.stderr[-3000:]
+  (line,) = [x for x in run.stderr.splitlines() if x.startswith("error: ")]
+  assert "checkpoints/4" in line and "Failed writing" in line, line
+  # Orbax's threads log one line each. Not ours to silence: TensorStore's threads may still print
+  # asyncio's "Event loop is closed" as writes finish after Orbax closed its loop.
+  tracebacks = run.stderr.count("Traceback (most recent call last)")
+  assert tracebacks == run.stderr.count("RuntimeError: Event loop is closed"), run.stderr[-3000:]
+  saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  assert saved[0] == "2" and (tmp_path / "checkpoints" / "2" / "commit_success.txt").is_file()
+  assert saved[1:] in ([], ["4.orbax-checkpoint-tmp"]), saved  # the failed save: never a step
+
+
+# The flags that make the demo recipe test_train's tiny_config (the compilation cache serves both).
+_TINY_FLAGS = [
+  "--config.model.width=32", "--config.model.depth=5", "--config.model.patch_size=4",
+  "--config.model.d_state=4", "--config.train.batch_size=8", "--config.train.log_every=2",
+  "--config.train.checkpoint_every=2", "--config.sample.num_images=0",
+]  # fmt: skip
