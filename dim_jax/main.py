@@ -36,6 +36,8 @@ def _orbax_in_one_line(record: pylogging.LogRecord) -> bool:
   one line each (a failed save, e.g. a full disk, logs a traceback from each of its threads
   before the error reaches main, which prints it). DIM_JAX_TRACEBACK=1 keeps the tracebacks."""
   if f"{os.sep}orbax{os.sep}" not in record.pathname:
+    if f"{os.sep}asyncio{os.sep}" in record.pathname and not os.environ.get("DIM_JAX_TRACEBACK"):
+      record.exc_info, record.exc_text = None, None  # Orbax's unawaited writes, at exit
     return True
   if record.levelno < pylogging.WARNING:
     return False
