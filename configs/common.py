@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     data_dir="",  # where the data lie ("" = the source's default); required for latents
     split="train",
     num_examples=50_000,  # size of the procedural "shapes" set
+    shape_colours="random",  # shapes: random | by_class (one colour per class, dark background)
+    rotate_shapes=True,  # shapes: random rotation (False: axis-aligned, triangles up)
     random_flip=True,
     download=False,  # cifar10 / imagenet2012: prepare the TFDS set if missing (needs TensorFlow)
     manual_dir="",  # imagenet2012 with download: folder of ILSVRC2012_img_*.tar

@@ -171,7 +171,13 @@ def _fashion_mnist(config, count: int, cache_dir: str) -> Evaluator:
 
 def _shapes(config, count: int, cache_dir: str) -> Evaluator:
   image_size = config.data.image_size
-  source = shapes.ShapesSource(SHAPES_HELD_OUT_START * 2, image_size, random_flip=False)
+  source = shapes.ShapesSource(
+    SHAPES_HELD_OUT_START * 2,
+    image_size,
+    random_flip=False,
+    colours=config.data.shape_colours,
+    rotate=config.data.rotate_shapes,
+  )
 
   def draw(start: int, num: int):
     examples = [source[i] for i in range(start, start + num)]
@@ -181,7 +187,7 @@ def _shapes(config, count: int, cache_dir: str) -> Evaluator:
   # learns the shapes far more slowly). Colour is left to the eye and the grid.
   return _classifier_evaluator(
     "fd_shapes",
-    f"shapes{image_size}_mask",
+    f"shapes{image_size}_{'rotated' if config.data.rotate_shapes else 'upright'}_mask",
     lambda: draw(0, SHAPES_CLASSIFIER_EXAMPLES),
     draw(SHAPES_HELD_OUT_START, count),
     draw(SHAPES_HELD_OUT_START + count, count),

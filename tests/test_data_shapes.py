@@ -57,3 +57,27 @@ def test_circles_are_discs():
     distance = np.hypot(y - centre[0], x - centre[1])
     assert (coverage[distance < radius - 1] > 0.99).all(), f"seed={seed} index {i}"
     assert (coverage[distance > radius + 1] < 0.01).all(), f"seed={seed} index {i}"
+
+
+def test_class_colours_and_upright_shapes():
+  """by_class: the class colour inside, the dark background at the corners; no rotation: a square
+  fills its bounding box, which a rotated square does not."""
+  start = 4 * int(np.random.default_rng(seed := _fresh_seed()).integers(0, 10**6))
+  upright = shapes.ShapesSource(10**7, 32, colours="by_class", rotate=False)
+  rotated = shapes.ShapesSource(10**7, 32, colours="by_class")
+  fills = []
+  for i in range(start, start + 4 * 8):
+    example = upright[i]
+    image = example["image"].astype(np.float64) / 255
+    np.testing.assert_allclose(image[0, 0], shapes.CLASS_BACKGROUND, atol=1 / 255)
+    mask = np.abs(image - shapes.CLASS_BACKGROUND).max(axis=-1) > 0.3
+    inside = image[mask & (np.abs(image - shapes.CLASS_COLOURS[example["label"]]).max(-1) < 0.01)]
+    assert len(inside) > 0.3 * mask.sum(), f"seed={seed} index {i}: not the class colour"
+    if example["label"] == 1:  # squares
+      for source, kind in ((upright, "upright"), (rotated, "rotated")):
+        square = np.abs(source[i]["image"] / 255 - shapes.CLASS_BACKGROUND).max(-1) > 0.5
+        rows, cols = np.nonzero(square)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        fills.append((kind, square.sum() / box))
+  assert all(f > 0.85 for kind, f in fills if kind == "upright"), (seed, fills)
+  assert np.mean([f for kind, f in fills if kind == "rotated"]) < 0.85, (seed, fills)

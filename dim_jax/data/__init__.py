@@ -21,6 +21,8 @@ optional field takes the default shown.
   shapes         procedural coloured shapes, 4 classes (circle, square, triangle, cross), RGB,
                  drawn from the example index; no files.
     num_examples   size of the set (default 50_000)
+    shape_colours  "random" (default) or "by_class": one colour per class on a dark background
+    rotate_shapes  random rotation (default True)
   fashion_mnist  Fashion-MNIST IDX files, 10 classes, 1 channel, 28² zero-padded to image_size.
     data_dir       folder of {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
                    (None: /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)

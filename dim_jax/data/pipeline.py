@@ -30,6 +30,8 @@ def _make_shapes(data_cfg):
     num_examples=data_cfg.get("num_examples", 50_000),
     image_size=data_cfg.get("image_size", 32),
     random_flip=data_cfg.get("random_flip", True),
+    colours=data_cfg.get("shape_colours", "random"),
+    rotate=data_cfg.get("rotate_shapes", True),
   )
 
 

@@ -1,10 +1,13 @@
 """The offline demo set: coloured geometric shapes drawn from the example index alone.
 
 Example i is a circle, square, triangle or cross (label i % 4, so classes are balanced) of a
-random size, rotation, position and colour on a random background colour, all drawn from a
-generator seeded by i. No file, no download; any index of a set of any size can be read at any
-time, so grain can shuffle, shard and resume it like a data set on disk. Edges are anti-aliased
-from a signed distance to the shape, clipped to one pixel of coverage.
+random size, rotation and position, all drawn from a generator seeded by i. Colours: "random"
+(a random background and a foreground 0.4 to 0.6 away from it in every channel) or "by_class"
+(each class its own colour on a dark background: a distribution small enough for a CPU to learn in
+minutes); rotation can be turned off (squares and crosses axis-aligned, triangles pointing up).
+No file, no download; any index of a set of any size can be read at any time, so grain can
+shuffle, shard and resume it like a data set on disk. Edges are anti-aliased from a signed
+distance to the shape, clipped to one pixel of coverage.
 """
 
 import numpy as np
@@ -12,6 +15,9 @@ import numpy as np
 from dim_jax.data.base import ImageSource
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross")
+COLOURINGS = ("random", "by_class")
+CLASS_COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.25, 0.45, 1.0], [0.95, 0.85, 0.2]])
+CLASS_BACKGROUND = np.array([0.08, 0.08, 0.1])
 
 
 def _signed_distance(kind: int, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
@@ -33,17 +39,22 @@ def _signed_distance(kind: int, x: np.ndarray, y: np.ndarray, radius: float) -> 
   return np.minimum(bar_x, bar_y)
 
 
-def render_shape(index: int, image_size: int) -> tuple[np.ndarray, int]:
+def render_shape(
+  index: int, image_size: int, colours: str = "random", rotate: bool = True
+) -> tuple[np.ndarray, int]:
   """Example `index` -> (uint8 (image_size, image_size, 3), label)."""
   rng = np.random.default_rng(index)
   label = index % len(SHAPE_NAMES)
   radius = rng.uniform(0.2, 0.4) * image_size
   centre = rng.uniform(radius, image_size - radius, size=2)
-  angle = rng.uniform(0, 2 * np.pi)
-  background = rng.uniform(0, 1, size=3)
-  # Each foreground channel 0.4 to 0.6 away from the background (shifted around the colour
-  # circle), so every shape stands out.
-  foreground = (background + rng.uniform(0.4, 0.6, size=3)) % 1.0
+  angle = rng.uniform(0, 2 * np.pi) if rotate else 0.0
+  if colours == "by_class":
+    background, foreground = CLASS_BACKGROUND, CLASS_COLOURS[label]
+  else:
+    background = rng.uniform(0, 1, size=3)
+    # Each foreground channel 0.4 to 0.6 away from the background (shifted around the colour
+    # circle), so every shape stands out.
+    foreground = (background + rng.uniform(0.4, 0.6, size=3)) % 1.0
 
   pixel = np.arange(image_size) + 0.5 - centre[:, None]  # (2, S): pixel centres - shape centre
   dy, dx = pixel[1][:, None], pixel[0][None, :]  # (S, 1), (1, S)
@@ -72,11 +83,21 @@ class ShapesSource(ImageSource):
 
   num_classes = len(SHAPE_NAMES)
 
-  def __init__(self, num_examples: int, image_size: int, random_flip: bool = True):
+  def __init__(
+    self,
+    num_examples: int,
+    image_size: int,
+    random_flip: bool = True,
+    colours: str = "random",
+    rotate: bool = True,
+  ):
     if num_examples < 1:
       raise ValueError(f"data.num_examples={num_examples} must be at least 1.")
     if image_size < 8:
       raise ValueError(f"data.image_size={image_size} is too small for shapes; use at least 8.")
+    if colours not in COLOURINGS:
+      raise ValueError(f"data.shape_colours={colours!r}: use one of {COLOURINGS}.")
+    self.colours, self.rotate = colours, rotate
     self.num_examples, self.image_size = num_examples, image_size
     self.image_shape = (image_size, image_size, 3)
     self.random_flip = random_flip
@@ -85,5 +106,5 @@ class ShapesSource(ImageSource):
     return self.num_examples
 
   def __getitem__(self, index: int) -> dict:
-    image, label = render_shape(int(index), self.image_size)
+    image, label = render_shape(int(index), self.image_size, self.colours, self.rotate)
     return {"image": image, "label": label}
