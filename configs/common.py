@@ -52,7 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
     ),
     # What each block keeps for the backward pass (memory for compute): none (everything) |
     # block (only its input: recompute the block) | save_dots (matmul outputs; recompute the rest)
+    # | save_scan (DiM: the Mamba mixer's in_proj and out_proj outputs, the scan's output and the
+    # fused scan's chunk states; recompute the norm, conv and small projections, not the scan)
     remat="none",
+    # DiM: hold the parameters of every 4 consecutive encoder (decoder) blocks stacked and run the
+    # groups with one compiled nnx.scan body (compiles ~5x fewer blocks for DiM-H) | False: one by
+    # one. The same model and weights; checkpoints of either layout load in both.
+    stack_blocks=True,
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
     num_heads=8,  # DiT only, when variant is ""
     attention_impl="auto",  # DiT only: auto (cuDNN on GPU in bf16/fp16) | cudnn | xla
@@ -173,8 +179,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The mesh axes each logical axis of the parameters (and their optimizer state) is split over
     # (MaxText's logical_axis_rules), for each name the models use; None: whole on every device.
     # "embed": the model width (over "fsdp": FSDP); "mlp": Mamba's inner and the MLP width;
-    # "heads": attention heads; "vocab": the class tables.
-    rules=(("embed", "fsdp"), ("mlp", None), ("heads", None), ("vocab", None)),
+    # "heads": attention heads; "vocab": the class tables; "layers": the stacked block axis of
+    # model.stack_blocks.
+    rules=(("embed", "fsdp"), ("mlp", None), ("heads", None), ("vocab", None), ("layers", None)),
   )
 
   c.lock()

@@ -15,6 +15,7 @@ step (data.create_train_iterator's `start_batch`). A per-process grain state wou
 as the processes or their rows change. The `data_iter` item of older checkpoints is ignored.
 """
 
+import functools
 import os
 
 import jax
@@ -140,23 +141,76 @@ def _first_restorable(manager, restore_step, step: int | None, *, set_aside_dama
   return None, None
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, shardings, step=None):
+def restore(manager: ocp.CheckpointManager, abstract_state, shardings, step=None, convert=None):
   """The state at `step` (default: the newest checkpoint that restores; damaged ones are set aside),
   placed on `shardings`; None when there is no checkpoint. The data iterator is positioned from
-  the restored state["step"] (see the module docstring)."""
+  the restored state["step"] (see the module docstring).
+
+  `convert`: the model's `convert_layout` where it has two parameter layouts (DiM's
+  `model.stack_blocks`); a checkpoint written in the other one is restored through it."""
   target = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
   )
 
   def restore_step(candidate):
+    def read(stored_target):
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(stored_target))
+      return manager.restore(candidate, args=args)["state"]
+
+    if _other_layout(manager, candidate, abstract_state["params"], convert):
+      return _restore_converted(manager, candidate, target, convert, read)
     check_compatible(manager, candidate, abstract_state["params"])
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    return manager.restore(candidate, args=args)["state"]
+    return read(target)
 
   step, state = _first_restorable(manager, restore_step, step, set_aside_damaged=True)
   if step is not None:
     logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
   return state
+
+
+def _other_layout(manager, step: int, abstract_params, convert) -> bool:
+  """Whether the checkpoint holds the parameters in the model's other layout (names differ)."""
+  stored = _shapes(manager.item_metadata(step)["state"].tree["params"])
+  return convert is not None and set(stored) != set(_shapes(abstract_params))
+
+
+def _restore_converted(manager, step: int, target: dict, convert, read) -> dict:
+  """`target` (parts of the state, as ShapeDtypeStructs with shardings) from a checkpoint of the
+  other parameter layout: `read(stored_target)` restores each stored array onto the sharding of
+  its part of this model's array (a stacked "layers" axis whole); converted on the devices."""
+  theirs = convert(_shapes_to_arrays(target), stack=_stacked_target, take=_slice_target)
+  prefix = "params/" if "params" in target else "ema_params/"  # the same names in both
+  check_compatible(
+    manager, step, {n.removeprefix(prefix): x for n, x in theirs.items() if n.startswith(prefix)}
+  )
+  stored = manager.item_metadata(step)["state"].tree
+  stored_target = jax.tree_util.tree_map_with_path(
+    lambda p, _: theirs[param_name(p)], {key: stored[key] for key in target}
+  )
+  arrays = convert(_shapes_to_arrays(read(stored_target)))
+  logging.info("Checkpoint %s converted to this model's parameter layout", manager.directory)
+  return jax.tree_util.tree_map_with_path(
+    lambda p, t: jax.device_put(arrays[param_name(p)], t.sharding), target
+  )
+
+
+def _spec(target: jax.ShapeDtypeStruct) -> tuple:
+  spec = tuple(target.sharding.spec)
+  return spec + (None,) * (len(target.shape) - len(spec))
+
+
+def _stacked_target(parts: list) -> jax.ShapeDtypeStruct:
+  """The restore target of arrays stacked on a new leading axis, which stays whole."""
+  first = parts[0]
+  sharding = NamedSharding(first.sharding.mesh, PartitionSpec(None, *_spec(first)))
+  return jax.ShapeDtypeStruct((len(parts), *first.shape), first.dtype, sharding=sharding)
+
+
+def _slice_target(stacked: jax.ShapeDtypeStruct, index: int) -> jax.ShapeDtypeStruct:
+  """The restore target of one slice of a stacked array, split as the rest of it is."""
+  del index
+  sharding = NamedSharding(stacked.sharding.mesh, PartitionSpec(*_spec(stacked)[1:]))
+  return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=sharding)
 
 
 def _partial_restore(manager, step: int, target: dict) -> dict:
@@ -169,9 +223,11 @@ def _partial_restore(manager, step: int, target: dict) -> dict:
   return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
 
-def restore_params(workdir: str, abstract_params, shardings, *, use_ema: bool, step=None):
+def restore_params(
+  workdir: str, abstract_params, shardings, *, use_ema: bool, step=None, convert=None
+):  # fmt: skip
   """Only the (EMA) parameters of a workdir's newest restorable checkpoint (or of `step`), read
-  straight onto `shardings`: for sampling and evaluation."""
+  straight onto `shardings`: for sampling and evaluation. `convert` as in `restore`."""
   key = "ema_params" if use_ema else "params"
   target = {
     key: jax.tree.map(
@@ -181,6 +237,9 @@ def restore_params(workdir: str, abstract_params, shardings, *, use_ema: bool, s
   manager = _reader(workdir)
 
   def restore_step(candidate):
+    if _other_layout(manager, candidate, abstract_params, convert):
+      read = functools.partial(_partial_restore, manager, candidate)
+      return _restore_converted(manager, candidate, target, convert, read)[key]
     check_compatible(manager, candidate, abstract_params)
     return _partial_restore(manager, candidate, target)[key]
 
@@ -193,13 +252,16 @@ def restore_params(workdir: str, abstract_params, shardings, *, use_ema: bool, s
   return params, step
 
 
-def transfer_params(workdir: str, abstract_params, shardings, mesh, resize=None):
+def transfer_params(
+  workdir: str, abstract_params, shardings, mesh, resize=None, convert=None
+):  # fmt: skip
   """Another run's newest weights for this model (stage transitions such as 256² -> 512²).
 
   Shapes must match, except where the model offers `resize(name, stored) -> array` (DiM: its
   position table, to the new grid). Only the parameters are read, each straight onto its sharding
-  here (a parameter to resize: replicated). Returns the parameters placed on `shardings` and a
-  list of what was changed, for the log.
+  here (a parameter to resize, or one of the model's other layout: replicated, then converted by
+  `convert` as in `restore`). Returns the parameters placed on `shardings` and a list of what was
+  changed, for the log.
   """
   manager = _reader(workdir)
   wanted = {param_name(p): (a, s) for (p, a), s in zip(
@@ -226,8 +288,11 @@ def transfer_params(workdir: str, abstract_params, shardings, mesh, resize=None)
   if step is None:
     raise ValueError(f"train.init_from={workdir}: no checkpoint in {workdir}/checkpoints.")
   changes = [f"weights from {workdir} step {step} (EMA reset to them, optimizer fresh)"]
+  if convert is not None and set(source) != set(wanted):
+    source = convert(source)
+    changes.append("converted to this model's parameter layout")
 
-  def convert(path, abstract):
+  def fit(path, abstract):
     name = param_name(path)
     if name not in source:
       raise ValueError(f"train.init_from={workdir}: its checkpoint has no parameter {name}.")
@@ -242,7 +307,7 @@ def transfer_params(workdir: str, abstract_params, shardings, mesh, resize=None)
       )
     return value.astype(abstract.dtype)
 
-  params = jax.tree_util.tree_map_with_path(convert, abstract_params)
+  params = jax.tree_util.tree_map_with_path(fit, abstract_params)
   return jax.device_put(params, shardings), changes
 
 

@@ -41,6 +41,19 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules):
       raise ValueError(
         f"mesh.rules maps {name!r} to {axes!r}: use axes of {mesh.axis_names}, or None."
       )
+  variables = jax.tree.leaves(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  used = {
+    a
+    for v in variables
+    if isinstance(v, nnx.Variable)
+    for a in v.get_metadata().get("out_sharding") or ()
+  }
+  unmapped = sorted(used - {None} - {name for name, _ in rules})
+  if unmapped:
+    raise ValueError(
+      f"mesh.rules has no rule for the logical axis {unmapped[0]!r} of the parameters: add "
+      f"({unmapped[0]!r}, None) to keep it whole, or name the mesh axes to split it over."
+    )
   with nnx.logical_axis_rules(rules):
     return nnx.get_named_sharding(abstract_state, mesh)
 

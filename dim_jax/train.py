@@ -282,17 +282,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     keep_every=config.train.keep_every,
   )
   restore_step = config.train.restore_step if config.train.restore_step >= 0 else None
-  state = checkpoint.restore(manager, abstract_state, state_sharding, step=restore_step)
+  model = nnx.merge(graphdef, abstract_state["params"])  # shapes only: for its methods
+  convert = getattr(model, "convert_layout", None)  # checkpoints of the other block layout
+  state = checkpoint.restore(
+    manager, abstract_state, state_sharding, step=restore_step, convert=convert
+  )
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sharding)()
     if config.train.init_from:
-      model = nnx.merge(graphdef, abstract_state["params"])  # shapes only: for its methods
       params, changes = checkpoint.transfer_params(
         config.train.init_from,
         abstract_state["params"],
         state_sharding["params"],
         mesh,
         resize=getattr(model, "resize_stored", None),
+        convert=convert,
       )
       state = dict(state, params=params, ema_params=jax.tree.map(jnp.copy, params))
       for change in changes:

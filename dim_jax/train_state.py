@@ -70,7 +70,12 @@ def restore_for_sampling(config, workdir: str):
   graphdef, init_state, _, _ = build_state(config)
   abstract_state = jax.eval_shape(init_state)
   shardings = parallel.state_shardings(abstract_state, mesh, config.mesh.rules)
+  model = nnx.merge(graphdef, abstract_state["params"])  # shapes only: for its methods
   params, step = checkpoint.restore_params(
-    workdir, abstract_state["params"], shardings["params"], use_ema=config.sample.use_ema
+    workdir,
+    abstract_state["params"],
+    shardings["params"],
+    use_ema=config.sample.use_ema,
+    convert=getattr(model, "convert_layout", None),  # checkpoints of the other block layout
   )
   return graphdef, params, step

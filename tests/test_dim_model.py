@@ -11,6 +11,7 @@ from flax import nnx
 
 from dim_jax.configs import common
 from dim_jax.models import create_model
+from dim_jax.models.layers import block_caller
 from dim_jax.models.mamba import MambaMixer
 from dim_jax.ops import ScanConfig
 
@@ -149,10 +150,43 @@ def test_remat_policies_give_the_same_gradients(name):
 
   want = jax.tree.leaves(gradients("none"))
   assert max(float(jnp.max(jnp.abs(w))) for w in want) > 0, f"seed {seed}: all gradients zero"
-  for remat in ("block", "save_dots"):
+  for remat in ("block", "save_dots", "save_scan") if name == "dim" else ("block", "save_dots"):
     got = jax.tree.leaves(gradients(remat))
     for g, w in zip(got, want, strict=True):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f"{remat}, seed {seed}")
+
+
+@pytest.mark.parametrize("remat, forward_kernels", [("block", 2), ("save_scan", 1)])
+def test_save_scan_keeps_the_fused_scan_from_running_twice(remat, forward_kernels):
+  """A block's backward under remat="block" recomputes its forward, the fused scan's forward
+  kernel included; "save_scan" keeps what the scan's backward needs, so the kernel runs once (the
+  backward kernel once either way). Counted in the jaxpr of a DiM block's gradient."""
+  cfg = _model_config(width=16, depth=3, input_size=8, num_classes=4, d_state=4, remat=remat)
+  cfg.scan.impl = "pallas_gpu"  # the Pallas interpreter on a CPU; only traced here
+  model = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))
+  stem = model.blocks.stem
+  graphdef, params = nnx.split(stem)
+  call = block_caller(remat)
+
+  def loss(params, stream, modulation):
+    return jnp.sum(call(nnx.merge(graphdef, params), stream, modulation))
+
+  def kernel_calls(jaxpr) -> list[str]:
+    """Names of the Pallas calls in a jaxpr, its sub-jaxprs included."""
+    names = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        names.append(eqn.params["name"])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, tuple | list) else [value]:
+          if isinstance(sub, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+            names += kernel_calls(getattr(sub, "jaxpr", sub))
+    return names
+
+  stream, modulation = jnp.ones((2, 12, 16)), jnp.zeros((2, 3, 16))
+  names = kernel_calls(jax.make_jaxpr(jax.grad(loss))(params, stream, modulation).jaxpr)
+  assert names.count("selective_scan_lanes_fwd") == forward_kernels, names
+  assert names.count("selective_scan_lanes_bwd") == 1, names
 
 
 def test_unknown_remat_policy_is_refused():
@@ -173,7 +207,9 @@ def test_scan_settings_reach_every_mixer_from_the_command_line():
   config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
   flag_values(argv)
   model = nnx.eval_shape(lambda: create_model(flag_values.config.model, nnx.Rngs(0)))
-  assert {block.mixer.scan for block in model.blocks} == {ScanConfig(save_every=4)}
+  mixers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MambaMixer)]
+  assert len(mixers) == flag_values.config.model.depth
+  assert {mixer.scan for mixer in mixers} == {ScanConfig(save_every=4)}
 
 
 @pytest.mark.parametrize(

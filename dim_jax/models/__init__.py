@@ -44,6 +44,7 @@ def _build_dim(cfg, rngs: nnx.Rngs) -> DiM:
     scan_directions=cfg.scan_directions,
     scan=ScanConfig(**cfg.scan),
     remat=cfg.remat,
+    stack_blocks=cfg.stack_blocks,
     dtype=compute_dtype(cfg.dtype),
     rngs=rngs,
     **arch,

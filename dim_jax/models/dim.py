@@ -7,17 +7,29 @@ Forward pass (official `mamba_2d.py`, `adapter_attn4mamba.py`) for x_t (B, H, W,
   -> depth blocks, each scanning in its own direction (`layout.scan_schedule`), U-ViT long skips
      from encoder to decoder -> unpad -> DW-conv 3x3 -> modulated RMSNorm -> linear -> unpatchify.
 
+The blocks (`dim_blocks.py`) are held one by one or, by default, stacked in groups of 4 that one
+compiled `nnx.scan` body runs (`model.stack_blocks`); the function and the parameters are the same.
+
 Conditioning enters twice: as the two prefix tokens and through adaLN-single (PixArt-α): one
 (B, 3D) vector shared by all blocks, added to each block's own learned 3 x D table, in the
 (1 + gate) form (no adaLN-Zero). The residual stream is kept in float32 (Mamba's residual_in_fp32).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dim_jax import parallel
 from dim_jax.models import layout
+from dim_jax.models.dim_blocks import (
+  NUM_PREFIX,
+  DiMBlock,
+  StackedBlocks,
+  convert_layout,
+  run_block,
+  run_unstacked,
+)
 from dim_jax.models.layers import (
   RMSNorm,
   block_caller,
@@ -29,10 +41,8 @@ from dim_jax.models.layers import (
   torch_default_init,
   unpatchify,
 )
-from dim_jax.models.mamba import MambaMixer
 from dim_jax.ops.scan import ScanConfig, resolve_impl
 
-NUM_PREFIX = 2 + layout.NUM_PAD  # [t_tok, y_tok, sep_1, sep_2, sep_3]: never permuted
 ADALN_FREQ_DIM = 256  # sinusoid width fed to adaLN-single's timestep MLP (PixArt-α)
 
 
@@ -90,73 +100,6 @@ class AdaLNSingle(nnx.Module):
     return self.proj(nnx.silu(emb)).astype(jnp.float32)  # (B, 3D)
 
 
-class SkipFusion(nnx.Module):
-  """U-ViT long skip into a decoder block: Linear(h) + Linear(skip), or Linear(cat) for D <= 512."""
-
-  def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-    self.concat = dim <= 512
-    if self.concat:
-      self.proj = linear(2 * dim, dim, axes=(None, "embed"), dtype=dtype, rngs=rngs)
-    else:
-      self.proj_h = linear(dim, dim, axes=("embed", None), dtype=dtype, rngs=rngs)
-      self.proj_skip = linear(dim, dim, axes=("embed", None), dtype=dtype, rngs=rngs)
-
-  def __call__(self, h: jax.Array, skip: jax.Array) -> jax.Array:
-    if self.concat:
-      out = self.proj(jnp.concatenate([h, skip], axis=-1))
-    else:
-      out = self.proj_h(h) + self.proj_skip(skip)
-    return out.astype(jnp.float32)
-
-
-class DiMBlock(nnx.Module):
-  """Pre-norm Mamba layer with adaLN-single.
-
-  stream + (1 + gate) * Mamba(RMSNorm(stream) * (1 + scale) + shift)
-  """
-
-  def __init__(
-    self,
-    dim: int,
-    *,
-    pattern: int,
-    is_decoder: bool,
-    num_layers: int,
-    d_state: int,
-    d_conv: int,
-    expand: int,
-    scan: ScanConfig,
-    dtype,
-    rngs: nnx.Rngs,
-  ):
-    self.pattern = pattern  # the scan direction of this layer (layout.PATTERNS)
-    self.skip_fusion = SkipFusion(dim, dtype=dtype, rngs=rngs) if is_decoder else None
-    self.norm = RMSNorm(dim, rngs=rngs)
-    self.mixer = MambaMixer(
-      dim,
-      num_layers=num_layers,
-      d_state=d_state,
-      d_conv=d_conv,
-      expand=expand,
-      scan=scan,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    self.table = nnx.Param(
-      jax.random.normal(rngs.params(), (3, dim), jnp.float32) / dim**0.5,
-      out_sharding=(None, "embed"),
-    )
-    self.dtype = dtype
-
-  def __call__(self, stream: jax.Array, modulation: jax.Array) -> jax.Array:
-    """stream (B, L, D) float32 in this layer's scan order; modulation (B, 3, D) -> (B, L, D)."""
-    shift, scale, gate = jnp.unstack(self.table[...][None] + modulation, axis=1)  # (B, D) each
-    stream = parallel.shard_batch(stream)
-    x = self.norm(stream) * (1 + scale[:, None]) + shift[:, None]
-    out = self.mixer(x.astype(self.dtype))
-    return parallel.shard_batch(stream + (1 + gate[:, None]) * out.astype(jnp.float32))
-
-
 class DiM(nnx.Module):
   """Diffusion Mamba: (x_t (B, H, W, C), t (B,), y (B,) int) -> ε prediction (B, H, W, C)."""
 
@@ -176,6 +119,7 @@ class DiM(nnx.Module):
     scan_directions: int = 4,
     scan: ScanConfig = ScanConfig(),
     remat: str = "none",
+    stack_blocks: bool = True,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -229,25 +173,24 @@ class DiM(nnx.Module):
       0.02 * jax.random.normal(rngs.params(), (layout.NUM_PAD, width)), out_sharding=(None, "embed")
     )
     schedule = layout.scan_schedule(depth, scan_directions)
-    num_encoder = (depth - 1) // 2
-    self.blocks = nnx.List(
-      [
-        DiMBlock(
-          width,
-          pattern=schedule[i],
-          is_decoder=i > num_encoder,
-          num_layers=depth,
-          d_state=d_state,
-          d_conv=d_conv,
-          expand=expand,
-          scan=scan,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(depth)
-      ]
-    )
-    self.num_encoder = num_encoder
+    blocks = [
+      DiMBlock(
+        width,
+        pattern=schedule[i],
+        is_decoder=i > (depth - 1) // 2,
+        num_layers=depth,
+        d_state=d_state,
+        d_conv=d_conv,
+        expand=expand,
+        scan=scan,
+        dtype=dtype,
+        rngs=rngs,
+      )
+      for i in range(depth)
+    ]
+    # Initialised block by block in both layouts, so a seed gives the same weights in either.
+    self.blocks = StackedBlocks(blocks) if stack_blocks else nnx.List(blocks)
+    self.depth = depth
     self.last_smoother = depthwise_conv3x3(width, dtype, rngs)
     self.final_norm = RMSNorm(width, rngs=rngs)
     self.final_modulation = linear(width, 2 * width, axes=("embed", None), dtype=dtype, rngs=rngs)
@@ -261,6 +204,11 @@ class DiM(nnx.Module):
     if name != "pos_embed":
       return value
     return resize_position_table(value, self.grid_size, self.grid_size)
+
+  def convert_layout(self, flat: dict, **ops) -> dict:
+    """A flat {name: parameter} of the other block layout -> this one's (`dim_blocks`), for
+    checkpoints written with the other `model.stack_blocks`; `ops` as in convert_layout."""
+    return convert_layout(flat, self.depth, **ops)
 
   def position_embedding(self, h: int, w: int) -> jax.Array:
     """(2 + h*w, D): the stored table, its grid part bilinearly resized when (h, w) differs."""
@@ -287,17 +235,13 @@ class DiM(nnx.Module):
     stream = jnp.concatenate([cond, seps, img.astype(jnp.float32)], axis=1)  # (B, 5 + Hp*Wp, D)
 
     modulation = self.adaln(t, y).reshape(batch, 3, self.width)
-    apply_block = block_caller(self.remat)
-    skips, pattern = [], layout.RASTER
-    for i, block in enumerate(self.blocks):
-      if block.skip_fusion is not None:
-        stream = block.skip_fusion(stream, skips.pop())  # skip is already in this order
-      prefix, tokens = stream[:, :NUM_PREFIX], stream[:, NUM_PREFIX:]
-      tokens = layout.switch_pattern(tokens, pattern, block.pattern, grid)
-      stream, pattern = jnp.concatenate([prefix, tokens], axis=1), block.pattern
-      stream = apply_block(block, stream, modulation)
-      if 1 <= i <= self.num_encoder:
-        skips.append(stream)
+    run = functools.partial(
+      run_block, modulation=modulation, grid=grid, apply_block=block_caller(self.remat)
+    )
+    if isinstance(self.blocks, StackedBlocks):
+      stream = self.blocks(stream, run)
+    else:
+      stream = run_unstacked(self.blocks, stream, run)
 
     # Back in raster order (the schedule ends with pattern 0): drop prefix and pads.
     img = layout.unpad_tokens(stream[:, NUM_PREFIX:], h, w).reshape(batch, h, w, self.width)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dim_jax.ops.scan.config import SCAN_OUTPUT, SCAN_STATES
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -21,12 +23,22 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
+# jax.ad_checkpoint names of the Mamba mixer's input projection (B, L, 2E) and output (B, L, D).
+IN_PROJ_OUTPUT, MIXER_OUTPUT = "in_proj_output", "mixer_output"
+
 # model.remat: what a block keeps for the backward pass.
 REMAT_POLICIES = {
   "none": None,  # every activation (fastest, most memory)
   "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input: recompute all
   # matmul outputs; the elementwise work, convolutions and the scan are recomputed
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # what costs most to recompute per byte kept: the mixer's in_proj and out_proj outputs (5/6 of
+  # its matmul FLOPs), the scan's output and the fused scan's chunk states (else the backward
+  # reruns the scan's forward kernel to get them back); the norm, the conv and the small x_proj
+  # and dt_proj are recomputed
+  "save_scan": jax.checkpoint_policies.save_only_these_names(
+    IN_PROJ_OUTPUT, SCAN_OUTPUT, SCAN_STATES, MIXER_OUTPUT
+  ),
 }
 
 

@@ -16,10 +16,19 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dim_jax import parallel
-from dim_jax.models.layers import linear, torch_default_bias_init, torch_default_init, uniform_init
+from dim_jax.models.layers import (
+  IN_PROJ_OUTPUT,
+  MIXER_OUTPUT,
+  linear,
+  torch_default_bias_init,
+  torch_default_init,
+  uniform_init,
+)
 from dim_jax.ops.scan import ScanConfig, selective_scan
+from dim_jax.ops.scan.config import SCAN_OUTPUT
 
 
 def _dt_bias_init(dt_min: float, dt_max: float, dt_floor: float):
@@ -126,7 +135,7 @@ class MambaMixer(nnx.Module):
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xz = parallel.shard_batch(self.in_proj(x))  # (B, L, 2E)
+    xz = checkpoint_name(parallel.shard_batch(self.in_proj(x)), IN_PROJ_OUTPUT)  # (B, L, 2E)
     x_in, z = jnp.split(xz, 2, axis=-1)  # (B, L, E) each
     x_in = nnx.silu(self.conv1d(x_in))
     x_dbl = self.x_proj(x_in)  # (B, L, R + 2N)
@@ -144,4 +153,4 @@ class MambaMixer(nnx.Module):
       z=z,
       config=self.scan,
     )  # (B, L, E), x_in's dtype
-    return self.out_proj(y)
+    return checkpoint_name(self.out_proj(checkpoint_name(y, SCAN_OUTPUT)), MIXER_OUTPUT)

@@ -3,6 +3,11 @@
 import dataclasses
 from collections.abc import Callable
 
+# jax.ad_checkpoint names of what a remat policy may keep (models/layers.py REMAT_POLICIES): the
+# scan's output, and the fused kernels' states kept for their backward.
+SCAN_OUTPUT = "scan_output"
+SCAN_STATES = "scan_states"
+
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:

@@ -25,11 +25,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from dim_jax.ops.scan import gpu_kernels as kernels
-from dim_jax.ops.scan.config import ScanConfig
+from dim_jax.ops.scan.config import SCAN_STATES, ScanConfig
 
 F32 = jnp.float32
 # The forward waits on its loads once per chunk, so longer chunks hide more latency, until the
@@ -267,6 +268,9 @@ def _fused_scan(cfg, u, delta, a2, B, C, D, bias, z):
 
 def _fused_scan_fwd(cfg, u, delta, a2, B, C, D, bias, z):
   y, states, dt_sum = _forward(cfg.forward(), u, delta, a2, B, C, D, bias, z)
+  # Named so that a remat policy can keep them (model.remat="save_scan"): a recomputation that
+  # needs them reruns this whole kernel.
+  states, dt_sum = checkpoint_name((states, dt_sum), SCAN_STATES)
   return y, (u, delta, a2, B, C, D, bias, z, states, dt_sum)
 
 
