@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     manual_dir="",  # imagenet2012 with download: folder of ILSVRC2012_img_*.tar
     latent_scale=0.18215,  # latents: Stable Diffusion's KL-f8 scale factor
     worker_count=0,  # grain worker processes (0 = in the main process); keep fixed across resumes
-    read_threads=8,  # read-ahead threads per process
+    read_threads=8,  # read-ahead threads per process, for sources that read files
   )
 
   # Diffusion formulation (dim_jax/diffusion).

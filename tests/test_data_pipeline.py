@@ -199,3 +199,33 @@ def test_worker_processes_change_no_batch_even_when_resumed_on_other_rows():
   _assert_same_batches(_take(resumed, 5), rows_of_want, f"seed={seed}, 2 workers from batch 3")
   labels = np.concatenate([b["label"] for b in want])
   assert np.bincount(labels, minlength=4).min() > 0, f"seed={seed}: a class never appears"
+
+
+@pytest.mark.parametrize("name", ["shapes", "fashion_mnist"])
+def test_sources_in_memory_give_the_batches_of_the_threaded_read(tmp_path, monkeypatch, name):
+  """Fashion-MNIST (padded once at load) and shapes read in the consuming thread: the same batches
+  as the threaded read-ahead, one example at a time, gave."""
+  from dim_jax.data import fashion_mnist, shapes
+
+  seed = _fresh_seed()
+  rng = np.random.default_rng(seed)
+  cfg = dict(name=name, image_size=32, num_examples=40, worker_count=0, read_threads=8)
+  if name == "fashion_mnist":
+    images = rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+    for stem, array in (("images-idx3", images), ("labels-idx1", images[:, 0, 0] % 10)):
+      header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+      (tmp_path / f"train-{stem}-ubyte").write_bytes(header + array.tobytes())
+    cfg["data_dir"] = str(tmp_path)
+  in_memory = _take(data.create_train_iterator(cfg, batch_size=8, seed=seed), 7)
+  source = fashion_mnist.FashionMnistSource if name == "fashion_mnist" else shapes.ShapesSource
+  monkeypatch.setattr(source, "reads_files", True)  # the threaded read
+  if name == "fashion_mnist":  # and each example padded as it is read
+    monkeypatch.setattr(
+      source, "__getitem__", lambda self, i: {
+        "image": np.pad(self.images[i], 2)[..., None], "label": int(self.labels[i])
+      }
+    )  # fmt: skip
+  threaded = _take(data.create_train_iterator(cfg, batch_size=8, seed=seed), 7)
+  for got, want in zip(in_memory, threaded, strict=True):
+    np.testing.assert_array_equal(got["image"], want["image"], err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(got["label"], want["label"], err_msg=f"seed {seed}")

@@ -13,7 +13,8 @@ optional field takes the default shown.
   image_size    side of the square images (default 32; 256 for imagenet2012 and image_folder)
   worker_count  grain worker processes; 0 reads in the main process (default 0). The batches
                 do not depend on it, so it may change across a resume.
-  read_threads  threads per process that read and decode ahead (default 8)
+  read_threads  threads per process that read and decode files ahead (default 8; sources in
+                memory, shapes and fashion_mnist, read in the consuming thread)
   random_flip   random horizontal flip, p = 1/2 (default True)
   data_dir      where the data lie (see each source; None or "" = the source's default)
   split         "train" (default), or another split of the source

@@ -46,6 +46,7 @@ class FashionMnistSource(ImageSource):
   """The `split` ("train": 60 000, "test": 10 000) of Fashion-MNIST, 10 classes, 1 channel."""
 
   num_classes = 10
+  reads_files = False  # all in memory once loaded
 
   def __init__(self, folder: str, split: str, image_size: int, random_flip: bool = True):
     if split not in _PREFIX:
@@ -60,6 +61,10 @@ class FashionMnistSource(ImageSource):
         f"Fashion-MNIST files in {folder!r} disagree: images {self.images.shape}, "
         f"labels {self.labels.shape}."
       )
+    # (N, image_size, image_size), padded once for all (60 MiB at 32²): padding each example as
+    # it was read took a third of the input pipeline's time.
+    self.padded = preprocess.pad_to_size(self.images.transpose(1, 2, 0), image_size)
+    self.padded = np.ascontiguousarray(self.padded.transpose(2, 0, 1))
     self.image_size, self.random_flip = image_size, random_flip
     self.image_shape = (image_size, image_size, 1)
 
@@ -67,5 +72,4 @@ class FashionMnistSource(ImageSource):
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict:
-    image = preprocess.pad_to_size(self.images[index][..., None], self.image_size)
-    return {"image": image, "label": int(self.labels[index])}
+    return {"image": self.padded[index][..., None], "label": int(self.labels[index])}

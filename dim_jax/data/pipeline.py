@@ -4,7 +4,7 @@ rows of each global batch, batch, prefetch.
   source.shuffle(seed).repeat()           the global stream: a new permutation every epoch
   .random_map(augment, seed)              random flip / posterior sample keyed by stream position
   rows (start, stop) of each global batch what this process's devices hold of it
-  .to_iter_dataset(ReadOptions)           `read_threads` threads decode ahead of the consumer
+  .to_iter_dataset(ReadOptions)           `read_threads` threads read ahead (file sources only)
   .batch(stop - start).map(finalize)      uint8 -> float32 [-1, 1] on whole batches
   .mp_prefetch(worker_count)              worker processes when worker_count > 0
 
@@ -174,20 +174,20 @@ def create_train_iterator(
   workers = max(data_cfg.get("worker_count", 0), 1)
   local = grain.MapDataset.range((len(stream) // batch_size - start_batch) * (stop - start))
   local = local.map(RowsOfGlobalBatches(stream, batch_size, (start, stop), start_batch, workers))
-  return iter(batched_stream(local, data_cfg, stop - start, source.finalize, drop_remainder=True))
+  return iter(batched_stream(local, data_cfg, stop - start, source, drop_remainder=True))
 
 
 def batched_stream(
-  dataset: grain.MapDataset, data_cfg, batch_size: int, finalize, *, drop_remainder: bool
+  dataset: grain.MapDataset, data_cfg, batch_size: int, source, *, drop_remainder: bool
 ) -> grain.IterDataset:
-  """Threaded read-ahead, batching, `finalize` on each batch, and worker processes if asked."""
+  """Threaded read-ahead (sources that read files), batching, `source.finalize` on each batch,
+  and worker processes if asked."""
   if batch_size < 1:
     raise ValueError(f"per-process batch size {batch_size} must be at least 1.")
-  read_options = grain.ReadOptions(
-    num_threads=data_cfg.get("read_threads", 8), prefetch_buffer_size=2 * batch_size
-  )
+  threads = data_cfg.get("read_threads", 8) if getattr(source, "reads_files", True) else 0
+  read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch_size)
   stream = dataset.to_iter_dataset(read_options)
-  stream = stream.batch(batch_size, drop_remainder=drop_remainder).map(finalize)
+  stream = stream.batch(batch_size, drop_remainder=drop_remainder).map(source.finalize)
   worker_count = data_cfg.get("worker_count", 0)
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; scripts outside absl.app

@@ -82,6 +82,7 @@ class ShapesSource(ImageSource):
   """Random-access source of `num_examples` procedural shapes at `image_size`² (RGB, uint8)."""
 
   num_classes = len(SHAPE_NAMES)
+  reads_files = False  # drawn from the index
 
   def __init__(
     self,

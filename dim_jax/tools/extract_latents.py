@@ -40,9 +40,7 @@ def extract_latents(
     raise ValueError("data.name='latents' are latents already; extract from an image data set.")
   source = pipeline.make_source(data_cfg)
   dataset = pipeline.shard(grain.MapDataset.source(source), process_index, process_count)
-  stream = pipeline.batched_stream(
-    dataset, data_cfg, batch_size, source.finalize, drop_remainder=False
-  )
+  stream = pipeline.batched_stream(dataset, data_cfg, batch_size, source, drop_remainder=False)
 
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, shard_file_name(process_index, process_count))
