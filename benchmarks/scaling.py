@@ -209,24 +209,6 @@ def _peaks(devices) -> list[int] | None:
   return None if any(s is None for s in stats) else [s.get("peak_bytes_in_use", 0) for s in stats]
 
 
-def compile_step(config, mesh: jax.sharding.Mesh):
-  """(compiled step, init_state, state sharding, batch sharding, compile seconds)."""
-  step, init_state, state_sharding, batch_sharding, mesh = train_step.sharded_step(config, mesh)
-  n, size = config.train.batch_size, config.model.input_size
-  batch = {
-    "image": jax.ShapeDtypeStruct((n, size, size, config.model.in_channels), jnp.float32),
-    "label": jax.ShapeDtypeStruct((n,), jnp.int32),
-  }
-  batch = jax.tree.map(lambda a: a.update(sharding=batch_sharding), batch)
-  state = jax.tree.map(
-    lambda a, s: a.update(sharding=s), jax.eval_shape(init_state), state_sharding
-  )
-  t = time.perf_counter()
-  with jax.set_mesh(mesh):  # as train.py: the Pallas scan then runs per batch shard
-    compiled = step.lower(state, batch).compile()
-  return compiled, init_state, state_sharding, batch_sharding, time.perf_counter() - t
-
-
 class Steps:
   """The config's train step compiled per (data, fsdp, images per device), each once: the rows
   and the batch search share compiles. Also the initial train state, made once and kept on the
@@ -241,7 +223,7 @@ class Steps:
     """compile_step's tuple; leaves config.train.batch_size at this global batch."""
     self.config.train.batch_size = batch * data * fsdp
     if (data, fsdp, batch) not in self.compiled:
-      self.compiled[data, fsdp, batch] = compile_step(self.config, sub_mesh(data, fsdp))
+      self.compiled[data, fsdp, batch] = train_step.compile_step(self.config, sub_mesh(data, fsdp))
     return self.compiled[data, fsdp, batch]
 
   def initial_state(self, init_state, sharding):
@@ -252,13 +234,7 @@ class Steps:
 
   def planned_bytes(self, data: int, fsdp: int, batch: int) -> int:
     """Per device: arguments + outputs - donated + temporaries of the compiled step."""
-    m = self(data, fsdp, batch)[0].memory_analysis()
-    return (
-      m.argument_size_in_bytes
-      + m.output_size_in_bytes
-      - m.alias_size_in_bytes
-      + m.temp_size_in_bytes
-    )
+    return train_step.planned_bytes(self(data, fsdp, batch)[0])
 
 
 def measure(steps: Steps, data: int, fsdp: int, batch: int, iters: int) -> Row:

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from benchmarks import results
+from benchmarks import results, time_split
+from benchmarks import scan as scan_bench
 from dim_jax.configs import common
 from dim_jax.models import create_model, dim_preset
 from dim_jax.models.dit import dit_preset
@@ -59,27 +60,10 @@ TINY_ARCH = {
 }
 
 
-def _scan_stand_in(u, delta, A, B, C, D, *, z=None, **_):
-  """Reads everything the selective scan reads and does O(L·D) elementwise work: timing the model
-  with it instead of the scan measures everything but the recurrence (XLA cannot drop x_proj)."""
-  f32 = jnp.float32
-  mix = (B.astype(f32).sum(-1) * C.astype(f32).sum(-1))[..., None]  # (B, L, 1)
-  y = u.astype(f32) * D + delta.astype(f32) * mix + A.sum()
-  return (y * jax.nn.silu(z.astype(f32))).astype(u.dtype)
-
-
-# --breakdown: DiM again without its scan, then also without its token permutations.
-ABLATIONS = ("", " -scan", " -scan -perm")
-
-
 def ablated_graph(net, ablation: str) -> nnx.GraphDef:
-  """DiM's graph with the stand-in passed as its scan and, for "-perm", one scan direction (no
-  tokens permuted); the parameters are the same, so `net.state` runs it."""
-  cfg = ml_collections.ConfigDict(net.cfg.to_dict())
-  if "-scan" in ablation:
-    cfg.scan = dict(cfg.scan.to_dict(), impl=_scan_stand_in)
-  if "-perm" in ablation:
-    cfg.scan_directions = 1
+  """DiM's graph without its scan or also its token permutations (`time_split.ablated`); the
+  parameters are the same, so `net.state` runs it."""
+  cfg = time_split.ablated(net.cfg, ablation)
   return nnx.split(nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0))))[0]
 
 
@@ -224,7 +208,7 @@ def run_resolution(name: str, net: Backbone, res: int, args, rate: float, deadli
   tokens = dim_sequence_length((grid, grid)) if net.family == "dim" else grid * grid
   batch = args.batch or max(1, args.tokens_per_batch // (grid * grid))
   rows = []
-  for ablation in ABLATIONS if args.breakdown and net.family == "dim" else [""]:
+  for ablation in time_split.ABLATIONS if args.breakdown and net.family == "dim" else [""]:
     graphdef = ablated_graph(net, ablation) if ablation else net.graphdef
     row = dict(model=name + ablation, res=res, tokens=tokens, flops=flops.dense)
     row.update(other_flops=flops.total - flops.dense, roofline_ms=1e3 * flops.dense / rate)
@@ -238,7 +222,23 @@ def run_resolution(name: str, net: Backbone, res: int, args, rate: float, deadli
     rows.append(row)
     result = f"{row['img_s']:.4g} img/s" if "img_s" in row else row["note"]
     print(f"  {row['model']} {res}²: {result}", flush=True)
+  if args.breakdown and net.family == "dim" and all("img_s" in r for r in rows):
+    rows[0]["split"] = forward_split(name, net, rows, grid, dict(matmul=rate, copy=args.copy_rate))
   return rows
+
+
+def forward_split(name: str, net: Backbone, rows: list[dict], grid: int, rates: dict) -> dict:
+  """The time split of one image's forward at one resolution (`time_split`), from its rows."""
+  per_image = {r["model"].removeprefix(name): 1 / r["img_s"] for r in rows}
+  batch, length = rows[0]["batch"], rows[0]["tokens"]
+  shapes = time_split.matmul_shapes(net.arch, net.cfg, length, grid * grid)
+  matmuls = time_split.matmul_seconds(shapes, batch, train=False) / batch
+  return dict(
+    label=f"{name} {rows[0]['res']}²",
+    parts=time_split.split(per_image, matmuls),
+    floors=time_split.floors(net.arch, net.cfg, 1, grid, rates, train=False),
+    total=per_image[""],
+  )
 
 
 def run_all(args, rate: float, deadline: float) -> list[dict]:
@@ -339,7 +339,9 @@ def main(argv=None):
   device = f"{dev.device_kind} ({dev.platform}, 1 of {jax.device_count()})"
   rate = matmul_rate(args.matmul_size, args.iters)
   print(f"{device}: bf16 matmul {args.matmul_size}³ at {rate / 1e12:.1f} TFLOP/s")
+  args.copy_rate = scan_bench.copy_bandwidth(2**20 if args.tiny else 2**29)
   rows = run_all(args, rate, deadline=start + args.budget_s)
+  splits = [r["split"] for r in rows if "split" in r]
   command = "python -m benchmarks.throughput " + " ".join(sys.argv[1:] if argv is None else argv)
   report = (
     f"\n## Throughput, DiM vs DiT sampling forward ({datetime.date.today()})\n\n"
@@ -350,6 +352,12 @@ def main(argv=None):
     f"4 channels, patch 2; wall time {time.perf_counter() - start:.0f} s\n\n"
     + results_table(rows)
     + ("\n" + ratio_table(rows) if ratio_table(rows) else "")
+    + (
+      f"\nTime split of one image's forward (benchmarks/time_split.py; copy bandwidth "
+      f"{args.copy_rate / 1e12:.2f} TB/s):\n\n" + time_split.split_table(splits, "ms/img")
+      if splits
+      else ""
+    )
   )
   print(report)
   print(plot(rows, device, out / "throughput.png"))

@@ -56,8 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     # fused scan's chunk states; recompute the norm, conv and small projections, not the scan)
     remat="none",
     # DiM: hold the parameters of every 4 consecutive encoder (decoder) blocks stacked and run the
-    # groups with one compiled nnx.scan body (compiles ~5x fewer blocks for DiM-H) | False: one by
-    # one. The same model and weights; checkpoints of either layout load in both.
+    # groups with one compiled nnx.scan body, from 2 groups per side on (DiM-H compiles 9 blocks,
+    # not 49) | False: one by one. The same model and weights; either layout's checkpoints load.
     stack_blocks=True,
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
     num_heads=8,  # DiT only, when variant is ""

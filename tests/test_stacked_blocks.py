@@ -43,6 +43,8 @@ def test_block_places_by_hand():
   assert places[13] == ("decoder/3", 1) and places[16] == ("decoder/0", 1)
   assert places[17] == ("decoder/3", 0) and places[20] == ("decoder/0", 0)
   assert len(set(places.values())) == 21
+  # Depth 13 makes one group: too few to stack, every block is held as one.
+  assert all(h is None for _, h in block_places(13).values())
 
 
 @pytest.mark.parametrize("directions", [4, 2])
@@ -99,7 +101,7 @@ def test_stacked_model_equals_unstacked_on_the_same_weights():
 
 
 def test_stacked_parameters_keep_the_layers_axis_whole():
-  cfg = _model_config(True, 9)
+  cfg = _model_config(True, 17)
   params = nnx.state(nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0))))
   mesh = parallel.create_mesh(common.base_config().mesh)
   rules = common.base_config().mesh.rules
@@ -113,7 +115,7 @@ def test_stacked_parameters_keep_the_layers_axis_whole():
 
 def _random_state(stack: bool, rng):
   c = demo.get_config()
-  c.model.update(width=16, depth=13, patch_size=4, d_state=2, stack_blocks=stack)
+  c.model.update(width=16, depth=21, patch_size=4, d_state=2, stack_blocks=stack)
   graphdef, init_state, _, _ = train_state.build_state(c)
   abstract = jax.eval_shape(init_state)
   state = jax.tree.map(

@@ -11,7 +11,8 @@ its mirror. Block i scans in direction `layout.scan_schedule(depth)[i]`; these c
              body over the G = E // 4 groups; likewise the 4 mirrors of each group in the decoder,
              scanned in reverse so that each decoder group takes its mirror group's skips as
              stacked scan inputs (the skips of a group are its scan outputs). The E mod 4 encoder
-             blocks that fill no group, and their mirrors, run one by one:
+             blocks that fill no group, and their mirrors, run one by one (all of them when
+             there would be fewer than MIN_GROUPS groups):
 
                blocks/stem/...              block 0
                blocks/encoder/<j>/...       (G, ...): [h] is encoder block 4h + 1 + j
@@ -39,6 +40,9 @@ from dim_jax.ops.scan import ScanConfig
 
 NUM_PREFIX = 2 + layout.NUM_PAD  # [t_tok, y_tok, sep_1, sep_2, sep_3]: never permuted
 GROUP = len(layout.PATTERNS)  # blocks per stacked group: the period of the scan directions
+# Fewer groups are not stacked: a scan over a single group compiles slower than its blocks one by
+# one (the scan's own machinery, with nothing to share).
+MIN_GROUPS = 2
 LAYERS = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name (see `mesh.rules`)
 
 
@@ -133,6 +137,12 @@ def run_unstacked(blocks: nnx.List, stream: jax.Array, run) -> jax.Array:
   return stream
 
 
+def num_groups(num_encoder: int) -> int:
+  """Stacked groups of GROUP blocks on each side (0 below MIN_GROUPS)."""
+  groups = num_encoder // GROUP
+  return groups if groups >= MIN_GROUPS else 0
+
+
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module | None:
   """Modules of one structure -> one module holding their parameters stacked on a leading
   "layers" axis (the logical axis added to each parameter's sharding names); None for none."""
@@ -148,7 +158,7 @@ class StackedBlocks(nnx.Module):
 
   def __init__(self, blocks: list[DiMBlock]):
     num_encoder = (len(blocks) - 1) // 2
-    full = GROUP * (num_encoder // GROUP)  # encoder blocks in whole groups
+    full = GROUP * num_groups(num_encoder)  # encoder blocks in stacked groups
 
     def mirror(e: int) -> DiMBlock:
       return blocks[2 * num_encoder + 1 - e]
@@ -213,7 +223,7 @@ def block_places(depth: int) -> dict[int, tuple[str, int | None]]:
   """Unstacked block i -> (its path under blocks/ in the stacked layout, its index along the
   layers axis or None where it is not stacked)."""
   num_encoder = (depth - 1) // 2
-  full = GROUP * (num_encoder // GROUP)
+  full = GROUP * num_groups(num_encoder)
   places = {0: ("stem", None)}
   for i in range(1, depth):
     side, e = ("encoder", i) if i <= num_encoder else ("decoder", 2 * num_encoder + 1 - i)
