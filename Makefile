@@ -1,6 +1,7 @@
 # The two set-up commands of the README: `make demo` trains the offline demo, `make test` runs the suite.
 # Each creates the Python >= 3.12 virtual environment .venv when it is missing and installs this
-# package into it (editable, with the tf and dev extras) at the versions pinned in constraints.txt.
+# package into it (editable) at the versions pinned in constraints.txt: the demo needs the package
+# alone, the tests add the tf and dev extras and the TPU compiler.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
 .PHONY: demo test lint format venv clean
 
-venv: $(VENV)/.installed $(VENV)/tpu-compiler/.installed
+venv: $(VENV)/.installed-test $(VENV)/tpu-compiler/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@set -e; \
@@ -30,19 +31,24 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	  echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); \
 	fi; \
 	set -o pipefail; \
+	$(PY) -m pip install -q -c constraints.txt -e . 2>&1 | { grep -v "Location '.*' is ignored" || true; }; \
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	@set -o pipefail; \
 	$(PY) -m pip install -q -c constraints.txt -e ".[tf,dev]" 2>&1 | { grep -v "Location '.*' is ignored" || true; }; \
 	touch $@
 
 # libtpu (the version jax[tpu] pins) beside the venv, not in it: jax loads it only to compile for
 # compile-only TPU chips (tests/test_scan_tpu.py, benchmarks/tpu_lowering.py), never as a backend.
-$(VENV)/tpu-compiler/.installed: $(VENV)/.installed
+$(VENV)/tpu-compiler/.installed: $(VENV)/.installed-test
 	@set -o pipefail; \
 	pin=$$($(PY) -c 'from importlib.metadata import requires; print(next(r.split(";")[0] for r in requires("jax") if r.startswith("libtpu")))'); \
 	if $(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/tpu-compiler "$$pin" 2>&1 | \
 	  { grep -v "Location '.*' is ignored" || true; }; then touch $@; \
 	else echo "$$pin could not be installed: the TPU compile tests will skip" >&2; fi
 
-demo: venv
+demo: $(VENV)/.installed
 	$(PY) -m dim_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: venv
