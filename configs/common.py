@@ -163,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
   # statistics; without them FD-FMNIST on fashion_mnist and FD-shapes on shapes (a classifier of
   # the data set, trained once into cache_dir), and only a sample grid on other data.
   c.eval = dict(
-    every=0,  # steps between evaluations during training, and one at the end (0: none)
+    every=0,  # steps between evaluations during training (0: none)
     num_samples=50_000,  # samples per evaluation, drawn with the EMA weights
     inception_path="",  # .npz made by `python -m dim_jax.tools.convert_inception`
     ref_stats="",  # ADM / U-ViT reference .npz, or one written by --mode=ref_stats

@@ -428,8 +428,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last_saved = step
     if config.train.sample_every and step % config.train.sample_every == 0:
       write_samples(config, workdir, state, sampler, decode, step, writer)
-    due_eval = config.eval.every and (step % config.eval.every == 0 or step == num_steps)
-    if due_eval and not stopping:
+    if config.eval.every and step % config.eval.every == 0 and not stopping:
       seconds = run_evaluation(step, state["ema_params"])
       eval_seconds += seconds
       t_last += seconds  # the next progress line's rate leaves the evaluation out

@@ -59,7 +59,8 @@ def test_short_run_ema_samples_are_nearer_the_trained_models_than_the_initial_on
   run = sample.make_sampler(
     graphdef, diffusion.create_schedule(config.diffusion), config.sample, config.model.num_classes
   )
-  noise = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (8, 32, 32, 3))
+  side = config.model.input_size
+  noise = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (8, side, side, 3))
   labels = jnp.arange(8) % config.model.num_classes
   draw = lambda params: np.asarray(run(params, noise, labels, jax.random.key(1)))
   raw, ema = draw(state["params"]), draw(state["ema_params"])

@@ -17,14 +17,14 @@ def small_classifier(monkeypatch):
 
 
 def test_evaluates_every_k_steps_with_one_compiled_sampler(tmp_path, small_classifier, caplog):
-  config = tiny_config(num_steps=3)
+  config = tiny_config(num_steps=5)
   config.eval.update(every=2, num_samples=32, cache_dir=str(tmp_path / "cache"))
   config.sample.update(batch_size=4, num_images=4)
   with caplog.at_level(logging.DEBUG), jax.log_compiles(True):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
   steps = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "run").glob("eval_*.json"))
-  assert steps == [2, 3]  # every 2 steps, and at the end
+  assert steps == [2, 4]
   results = [json.loads((tmp_path / "run" / f"eval_{s}.json").read_text()) for s in steps]
   for r in results:
     assert r["num_samples"] == 32 and np.isfinite(r["fd_shapes"]) and 0 <= r["class_accuracy"] <= 1
