@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     p_uncond=0.1,  # label dropout to the null class, for classifier-free guidance
   )
 
-  # AdamW with linear warm-up then a constant rate (the official "customized" schedule).
+  # AdamW with linear warm-up, then a constant rate (the official "customized" schedule) or a
+  # cosine decay (short runs end on settled weights).
   c.optim = dict(
     learning_rate=2e-4,
     b1=0.99,
@@ -104,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     # or "matrices" (only weights of rank >= 2, i.e. not biases, norms, A_log, D).
     weight_decay_on="all",
     warmup_steps=5000,
+    decay="constant",  # after the warm-up: constant (official) | cosine (to 0 at train.num_steps)
     grad_clip_norm=1.0,  # 0 disables clipping
     # EMA of the weights: the long-run decay, reached after ~9 / (1 - d) steps; before that the
     # decay is min(d, (1 + t) / (10 + t)) at step t, so a short run's EMA already shows the model.

@@ -28,10 +28,21 @@ def weight_decay_mask(params, weight_decay_on: str):
   raise ValueError(f"optim.weight_decay_on={weight_decay_on!r}: use 'all' or 'matrices'.")
 
 
-def create_optimizer(optim_config, params) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping, linear warm-up then constant (the official schedule)."""
+def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
+  """Linear warm-up, then constant (the official schedule) or a cosine decay to 0 at num_steps."""
   c = optim_config
-  lr = optax.warmup_constant_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
+  warmup = max(c.warmup_steps, 1)
+  if c.decay == "constant":
+    return optax.warmup_constant_schedule(0.0, c.learning_rate, warmup)
+  if c.decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup, max(num_steps, warmup))
+  raise ValueError(f"optim.decay={c.decay!r}: use 'constant' or 'cosine'.")
+
+
+def create_optimizer(optim_config, params, num_steps: int) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping, on `learning_rate_schedule`."""
+  c = optim_config
+  lr = learning_rate_schedule(c, num_steps)
   adamw = optax.adamw(
     lr,
     b1=c.b1,
@@ -48,7 +59,7 @@ def build_state(config):
   """The model's graph, an init function for the train state, the optimizer and its schedule."""
   abstract_model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract_model)
-  tx, lr_schedule = create_optimizer(config.optim, abstract_params)
+  tx, lr_schedule = create_optimizer(config.optim, abstract_params, config.train.num_steps)
   num_params = parameter_overview.count_parameters(nnx.to_pure_dict(abstract_params))
   logging.info("Model %s: %.2f M parameters", config.model.name, num_params / 1e6)
 
