@@ -35,7 +35,9 @@ def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
   if c.decay == "constant":
     return optax.warmup_constant_schedule(0.0, c.learning_rate, warmup)
   if c.decay == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup, max(num_steps, warmup))
+    # optax wants at least one step of decay after the warm-up (a 0-step run builds one too).
+    end = max(num_steps, warmup + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup, end)
   raise ValueError(f"optim.decay={c.decay!r}: use 'constant' or 'cosine'.")
 
 
