@@ -34,21 +34,39 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _orbax_in_one_line(record: pylogging.LogRecord) -> bool:
   """Orbax's per-save INFO chatter stays out of the progress log; its warnings and errors show as
   one line each (a failed save, e.g. a full disk, logs a traceback from each of its threads
-  before the error reaches main, which prints it). DIM_JAX_TRACEBACK=1 keeps the tracebacks."""
+  before the error reaches main, which prints it)."""
   if f"{os.sep}orbax{os.sep}" not in record.pathname:
-    if f"{os.sep}asyncio{os.sep}" in record.pathname and not os.environ.get("DIM_JAX_TRACEBACK"):
-      record.exc_info, record.exc_text = None, None  # Orbax's unawaited writes, at exit
     return True
   if record.levelno < pylogging.WARNING:
     return False
-  if not os.environ.get("DIM_JAX_TRACEBACK"):
-    record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return _without_traceback(record)
+
+
+def _without_traceback(record: pylogging.LogRecord) -> bool:
+  record.exc_info, record.exc_text, record.stack_info = None, None, None
   return True
 
 
+def _drop_closed_loop_callbacks(hook):
+  """After a failed save Orbax closes its event loop while TensorStore's threads still finish
+  writes; each then reports "Event loop is closed" as an unraisable exception, hundreds in all."""
+
+  def unraisablehook(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      hook(unraisable)
+
+  return unraisablehook
+
+
 def _quiet_libraries() -> None:
+  """DIM_JAX_TRACEBACK=1 keeps every library traceback."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices
   pylogging.getLogger("absl").addFilter(_orbax_in_one_line)
+  if not os.environ.get("DIM_JAX_TRACEBACK"):
+    # Orbax's write tasks that failed with the save, reported again by asyncio at exit.
+    pylogging.getLogger("asyncio").addFilter(_without_traceback)
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 def _initialize_distributed(jax) -> None:

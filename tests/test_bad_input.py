@@ -224,10 +224,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoints
   assert run.returncode == 1, run.stderr[-3000:]
   (line,) = [x for x in run.stderr.splitlines() if x.startswith("error: ")]
   assert "checkpoints/4" in line and "Failed writing" in line, line
-  # Orbax's threads log one line each. Not ours to silence: TensorStore's threads may still print
-  # asyncio's "Event loop is closed" as writes finish after Orbax closed its loop.
-  tracebacks = run.stderr.count("Traceback (most recent call last)")
-  assert tracebacks == run.stderr.count("RuntimeError: Event loop is closed"), run.stderr[-4000:]
+  # Orbax's threads log one line each, without their tracebacks.
+  assert "Traceback" not in run.stderr, run.stderr[-4000:]
   saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   assert saved[0] == "2" and (tmp_path / "checkpoints" / "2" / "commit_success.txt").is_file()
   assert saved[1:] in ([], ["4.orbax-checkpoint-tmp"]), saved  # the failed save: never a step
