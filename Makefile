@@ -48,8 +48,13 @@ $(VENV)/tpu-compiler/.installed: $(VENV)/.installed-test
 	  { grep -v "Location '.*' is ignored" || true; }; then touch $@; \
 	else echo "$$pin could not be installed: the TPU compile tests will skip" >&2; fi
 
+# On a CPU, XLA allocates each step's temporaries afresh (about 0.5 GB for the demo) and glibc
+# hands them back to the OS, so every step faults them in again: a third of the demo's step time
+# was system time. These settings keep freed memory in the process (steps 1.4x faster).
+CPU_MALLOC := glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1
+
 demo: $(VENV)/.installed
-	$(PY) -m dim_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+	GLIBC_TUNABLES=$${GLIBC_TUNABLES:-$(CPU_MALLOC)} $(PY) -m dim_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: venv
 	$(PY) -m ruff check dim_jax tests benchmarks configs

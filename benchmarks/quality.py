@@ -8,12 +8,16 @@ Each recipe is configs/fashion_mnist.py, its backbone optionally swapped (`RECIP
 process of its own for --seconds of training wall time: from the process start, compilation
 included, evaluations excluded (then SIGTERM: the run saves a checkpoint and exits). The training
 loop evaluates its EMA weights every --eval_every steps (`dim_jax/evaluators.py`: FD-FMNIST of
---num_samples samples against the first half of the test split, in the features of a classifier
-of Fashion-MNIST). A
-row's seconds are training wall time: from the process start to the evaluation, less the time
-spent in evaluations. Beside each FD stand the floor (held-out test images against the reference,
-as many as the samples) and the noise level (Gaussian-noise images). The table is appended to
-RESULTS.md and the curves (FD against steps and against seconds) drawn to --plot.
+--num_samples samples against the first half of the test split, in the features of a classifier of
+Fashion-MNIST). A row's seconds are training wall time: from the process start to the evaluation,
+less the time spent in evaluations. Beside each FD stand the floor (held-out test images against the
+reference, as many as the samples) and the noise level (Gaussian-noise images). The table is
+appended to RESULTS.md and the curves (FD against steps and against seconds) drawn to --plot. Each
+finished run is kept in its workdir (quality_run.json); --reuse reads it instead of training again,
+so that recipes can be trained in separate calls and tabled and drawn together:
+
+  python benchmarks/quality.py --recipes dim-S/2 --seconds 300 --no-append ...
+  python benchmarks/quality.py --recipes dim-S/2,dit-S/2 --seconds 300 --reuse ...
 """
 
 import argparse
@@ -58,6 +62,11 @@ def train_with_evaluations(recipe: str, args) -> dict:
   if recipe not in RECIPES:
     raise SystemExit(f"--recipes: unknown recipe {recipe!r}; use some of {sorted(RECIPES)}.")
   workdir = os.path.join(args.workdir_root, recipe.replace("/", "_"))
+  finished = os.path.join(workdir, "quality_run.json")
+  if args.reuse and os.path.exists(finished):
+    with open(finished) as f:
+      print(f"{recipe}: the run in {workdir}", flush=True)
+      return json.load(f)
   if os.path.exists(workdir):
     raise SystemExit(f"{workdir} exists: the wall-clock figures need a fresh run; remove it.")
   command = [sys.executable, "-m", "dim_jax.main", "--config=configs/fashion_mnist.py"]
@@ -89,7 +98,10 @@ def train_with_evaluations(recipe: str, args) -> dict:
     raise SystemExit(f"{recipe} made no evaluation in {args.seconds} s: lower --eval_every.")
   for e in evaluations:  # wall time from the process start, less the evaluations before this one
     e["wall_seconds"] = e["time"] - start - e["eval_seconds"]
-  return dict(recipe=recipe, evaluations=evaluations, baselines=evaluations[0]["baselines"])
+  run = dict(recipe=recipe, evaluations=evaluations, baselines=evaluations[0]["baselines"])
+  with open(finished, "w") as f:
+    json.dump(run, f)
+  return run
 
 
 def table(runs: list[dict]) -> str:
@@ -162,6 +174,7 @@ def main():
   parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
   parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "quality.png"))
   parser.add_argument("--no-append", action="store_true")
+  parser.add_argument("--reuse", action="store_true", help="read finished runs, train the rest")
   parser.add_argument("extra", nargs="*", help="more --config overrides for every recipe")
   args = parser.parse_args()
 

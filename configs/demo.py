@@ -22,7 +22,7 @@ def get_config(arg=None):
   # A higher rate and the usual Adam betas than the paper's, so that minutes on a CPU suffice.
   c.optim.update(learning_rate=3e-3, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=20, weight_decay=0.0)
   c.optim.decay = "cosine"
-  c.train.update(batch_size=32, num_steps=800, log_every=50, checkpoint_every=400)
+  c.train.update(batch_size=32, num_steps=1200, log_every=100, checkpoint_every=600)
   c.sample.update(sampler="ddim", steps=25, guidance_scale=2.0, num_images=16, batch_size=16)
   c.eval.update(every=c.train.num_steps, num_samples=128)
   return common.apply_arg(c, arg)
