@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from benchmarks import results, scan_tpu_estimate
@@ -40,10 +40,21 @@ from configs import common
 from dim_jax.ops import ScanConfig, selective_scan
 from dim_jax.ops.scan import gpu, resolve_impl, tpu
 
-_SCAN = config_flags.DEFINE_config_dict("scan", common.base_config().model.scan, "model.scan")
-_OUT = flags.DEFINE_string("out", os.environ.get("OUT"), "folder for the table and raw records")
-_RESULTS = flags.DEFINE_string("results", "benchmarks/RESULTS.md", "markdown file to append to")
-_SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes: checks the script on a CPU")
+# Flags of this script alone, not absl's global ones: other benchmarks import its helpers next to
+# modules with flags of the same names (dim_jax.main's --out).
+FLAGS = flags.FlagValues()
+_SCAN = config_flags.DEFINE_config_dict(
+  "scan", common.base_config().model.scan, "model.scan", flag_values=FLAGS
+)
+_OUT = flags.DEFINE_string(
+  "out", os.environ.get("OUT"), "folder for the table and raw records", flag_values=FLAGS
+)
+_RESULTS = flags.DEFINE_string(
+  "results", "benchmarks/RESULTS.md", "markdown file to append to", flag_values=FLAGS
+)
+_SMOKE = flags.DEFINE_bool(
+  "smoke", False, "tiny shapes: checks the script on a CPU", flag_values=FLAGS
+)
 
 EXP_RATE = 132 * 16 * 1.98e9  # H200 special-function-unit exponentials per second
 SHAPES = [  # (name, L, D, N, batch): DiM-H/2 on latents, batches that fill an H200
@@ -234,4 +245,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(FLAGS(sys.argv))

@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from dim_jax.ops.scan import gpu_kernels as kernels
 from dim_jax.ops.scan.config import SCAN_STATES, ScanConfig
+from dim_jax.ops.scan.xla import pad_to
 
 F32 = jnp.float32
 # The forward waits on its loads once per chunk, so longer chunks hide more latency, until the
@@ -277,15 +278,6 @@ def _fused_scan_fwd(cfg, u, delta, a2, B, C, D, bias, z):
 _fused_scan.defvjp(_fused_scan_fwd, _backward)
 
 
-def _pad(x, axis, size):
-  """x zero-padded at the end of `axis` to `size` (None stays None)."""
-  if x is None or x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
-
-
 def launch(config: ScanConfig, shape, softplus, *, fwd_block_d=None, interpret=None) -> Launch:
   """The launch parameters for inputs of `shape` (batch, length, channels): the settings of
   `config`, its zeros replaced by the defaults. `fwd_block_d` overrides the forward's block."""
@@ -332,10 +324,10 @@ def selective_scan(
   if delta_bias is None:
     delta_bias = jnp.zeros((channels,), F32)
   a2 = A.astype(F32).T * kernels.LOG2_E  # (N, D); exp(ΔA) = exp2(Δ·A·log2 e)
-  u, delta, z = (_pad(_pad(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
+  u, delta, z = (pad_to(pad_to(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
   # B, C in float32: (B, L, N) is small, and the kernels then convert nothing per (t, n).
-  B, C = (_pad(x.astype(F32), 1, padded_l).reshape(batch, -1) for x in (B, C))  # (B, L·N)
-  D, delta_bias = (_pad(x, 0, padded_d) for x in (D, delta_bias))
-  a2 = _pad(a2, 1, padded_d)
+  B, C = (pad_to(x.astype(F32), 1, padded_l).reshape(batch, -1) for x in (B, C))  # (B, L·N)
+  D, delta_bias = (pad_to(x, 0, padded_d) for x in (D, delta_bias))
+  a2 = pad_to(a2, 1, padded_d)
   y = _fused_scan(cfg, u, delta, a2, B, C, D, delta_bias, z)  # (B, padded L, padded D)
   return y[:, :length, :channels]

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from dim_jax.ops.scan.config import ScanConfig
+from dim_jax.ops.scan.xla import pad_to
 
 F32 = jnp.float32
 LANES = 128
@@ -371,15 +372,6 @@ def _fused_scan_fwd(cfg, u, delta, bt, ct, a2, d, bias, z):
 _fused_scan.defvjp(_fused_scan_fwd, _backward)
 
 
-def _pad(x, axis, size):
-  """x zero-padded at the end of `axis` to `size` (None stays None)."""
-  if x is None or x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
-
-
 def _round_up(x, multiple):
   return -(-x // multiple) * multiple
 
@@ -410,15 +402,15 @@ def selective_scan(
   padded_d, padded_l = _round_up(channels, block_d), _round_up(length, chunk)
   if delta_bias is None:
     delta_bias = jnp.zeros((channels,), F32)
-  u, delta, z = (_pad(_pad(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
+  u, delta, z = (pad_to(pad_to(x, 2, padded_d), 1, padded_l) for x in (u, delta, z))
   num_chunks = padded_l // chunk
 
   def tiles(x):  # (B, L, N) -> (B, chunks, N, chunk) float32: time on the lanes
-    x = _pad(x.astype(F32), 1, padded_l).reshape(batch, num_chunks, chunk, state)
+    x = pad_to(x.astype(F32), 1, padded_l).reshape(batch, num_chunks, chunk, state)
     return jnp.swapaxes(x, 2, 3)
 
   # (N, D); exp(Δ A) = exp2(Δ A log2 e), one multiply less per (t, d, n) on the VPU
-  a2 = _pad(A.astype(F32).T * LOG2_E, 1, padded_d)
-  d, bias = (_pad(x.astype(F32), 0, padded_d)[None] for x in (D, delta_bias))  # (1, D)
+  a2 = pad_to(A.astype(F32).T * LOG2_E, 1, padded_d)
+  d, bias = (pad_to(x.astype(F32), 0, padded_d)[None] for x in (D, delta_bias))  # (1, D)
   y = _fused_scan(cfg, u, delta, tiles(B), tiles(C), a2, d, bias, z)
   return y[:, :length, :channels]

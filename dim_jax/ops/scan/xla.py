@@ -12,6 +12,15 @@ from dim_jax.ops.scan.config import ScanConfig
 DEFAULT_CHUNK = 256  # steps per chunk of "chunked": one (B, chunk, D, N) block live at a time
 
 
+def pad_to(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
+  """x zero-padded at the end of `axis` to `size` (None stays None): the kernels' block shapes."""
+  if x is None or x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
 def discretised_delta(delta: jax.Array, delta_bias: jax.Array | None, softplus: bool) -> jax.Array:
   """Δ = softplus(δ + bias) in float32; (B, L, D) -> (B, L, D)."""
   dt = delta.astype(jnp.float32)
