@@ -59,7 +59,7 @@ demo: $(VENV)/.installed
 test: venv
 	$(PY) -m ruff check dim_jax tests benchmarks configs
 	$(PY) -m ruff format --check dim_jax tests benchmarks configs
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 tests
 
 lint: venv
 	$(PY) -m ruff check dim_jax tests benchmarks configs

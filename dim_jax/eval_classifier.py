@@ -116,9 +116,12 @@ def train(
 
 
 def save(model: Classifier, path: str) -> None:
-  """Parameters as an .npz keyed by their NNX path ('conv1.kernel', ...)."""
+  """Parameters as an .npz keyed by their NNX path ('conv1.kernel', ...). Written beside `path`
+  and renamed into place, so that processes sharing the cache never read half a file."""
   flat = nnx.to_flat_state(nnx.state(model))
-  np.savez(path, **{".".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat})
+  partial = f"{path}.{os.getpid()}.partial.npz"
+  np.savez(partial, **{".".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat})
+  os.replace(partial, path)
 
 
 def load(path: str, **shape) -> Classifier:

@@ -213,7 +213,7 @@ def test_bad_upsample_config_is_one_clear_error():
 
 
 def test_demo_checkpoint_samples_at_twice_its_size(tmp_path):
-  """A demo model trained 2 steps, then --mode=sample with sample.upsample.scale=2: 32² -> 64²."""
+  """A demo model trained 2 steps, then --mode=sample with sample.upsample.scale=2: 16² -> 32²."""
   from PIL import Image
 
   from dim_jax import sample, train
@@ -226,9 +226,11 @@ def test_demo_checkpoint_samples_at_twice_its_size(tmp_path):
   config.sample.upsample.scale = 2
   path = sample.sample_from_workdir(config, str(tmp_path))
   assert path.endswith("_upsample2x.png"), path
-  assert np.asarray(Image.open(path)).shape == (2 * 64 + 2, 2 * 64 + 2, 3)
+  side = 2 * config.model.input_size
+  # A 2 x 2 grid with 2-pixel gaps.
+  assert np.asarray(Image.open(path)).shape == (2 * side + 2, 2 * side + 2, 3)
   images = np.load(path[: -len(".png")] + ".npz")["images"]
-  assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+  assert images.shape == (4, side, side, 3) and images.dtype == np.uint8
 
 
 def test_large_latents_decode_a_slice_at_a_time():
