@@ -49,8 +49,8 @@ $(VENV)/tpu-compiler/.installed: $(VENV)/.installed-test
 	else echo "$$pin could not be installed: the TPU compile tests will skip" >&2; fi
 
 # On a CPU, XLA allocates each step's temporaries afresh (about 0.5 GB for the demo) and glibc
-# hands them back to the OS, so every step faults them in again: a third of the demo's step time
-# was system time. These settings keep freed memory in the process (steps 1.4x faster).
+# hands them back to the OS, so every step faults them in again, as system time. These settings
+# keep freed memory in the process (benchmarks/cpu_allocator.py measures each).
 CPU_MALLOC := glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1
 
 demo: $(VENV)/.installed
