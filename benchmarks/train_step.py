@@ -42,13 +42,13 @@ from dim_jax.models.flops import dim_flops, dim_sequence_length
 
 
 def config_for(
-  variant: str, image: int, batch: int, remat: str, scan_impl: str, tiny: bool, stack=True
+  variant: str, image: int, batch: int, remat: str, scan_impl: str, tiny: bool, stack=False
 ):  # fmt: skip
   """configs/pretrain_256.py at `image`² (latents image / 8), `batch` per device."""
   c = pretrain_256.get_config()
   c.model.update(input_size=image // 8, remat=remat, stack_blocks=stack)
   c.model.scan.impl = scan_impl
-  if tiny:  # depth 9: one stacked group of 4 on each side
+  if tiny:  # depth 9: too few blocks to stack (dim_blocks.MIN_GROUPS), each compiled alone
     c.model.update(variant="", width=32, depth=9, patch_size=2, dtype="float32")
   else:
     c.model.variant = variant
@@ -284,7 +284,7 @@ def main(argv):
   p.add_argument("--remat", default="none,block", help="model.remat policies to time")
   p.add_argument(
     "--stack",
-    default="1",
+    default="0",
     help="model.stack_blocks: 1, 0 or 1,0 (every --remat with the first, the first with the rest)",
   )
   p.add_argument("--scan-impl", default="auto", help="model.scan.impl")

@@ -55,10 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
     # | save_scan (DiM: the Mamba mixer's in_proj and out_proj outputs, the scan's output and the
     # fused scan's chunk states; recompute the norm, conv and small projections, not the scan)
     remat="none",
-    # DiM: hold the parameters of every 4 consecutive encoder (decoder) blocks stacked and run the
-    # groups with one compiled nnx.scan body, from 2 groups per side on (DiM-H compiles 9 blocks,
-    # not 49) | False: one by one. The same model and weights; either layout's checkpoints load.
-    stack_blocks=True,
+    # DiM: False: blocks one by one | True: the parameters of every 4 consecutive encoder
+    # (decoder) blocks stacked and the groups run as one compiled nnx.scan body, from 2 groups per
+    # side on (DiM-H compiles 9 blocks, not 49). Stacked compiles faster but steps slower and plans
+    # more memory (benchmarks/train_step.py --stack 1,0), so a long run is faster unstacked. The
+    # same model and weights; either layout's checkpoints load in both.
+    stack_blocks=False,
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and scan state stay fp32)
     num_heads=8,  # DiT only, when variant is ""
     attention_impl="auto",  # DiT only: auto (cuDNN on GPU in bf16/fp16) | cudnn | xla

@@ -164,8 +164,7 @@ def test_save_scan_keeps_the_fused_scan_from_running_twice(remat, forward_kernel
   cfg = _model_config(width=16, depth=3, input_size=8, num_classes=4, d_state=4, remat=remat)
   cfg.scan.impl = "pallas_gpu"  # the Pallas interpreter on a CPU; only traced here
   model = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))
-  stem = model.blocks.stem
-  graphdef, params = nnx.split(stem)
+  graphdef, params = nnx.split(model.blocks[0])
   call = block_caller(remat)
 
   def loss(params, stream, modulation):

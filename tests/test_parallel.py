@@ -164,7 +164,7 @@ def test_parameter_shardings_follow_the_config_rules():
 
   def in_proj_spec(rules):
     shardings = parallel.state_shardings(params, mesh, rules)
-    return tuple(shardings["blocks"]["stem"]["mixer"]["in_proj"]["kernel"].spec)  # ("embed", "mlp")
+    return tuple(shardings["blocks"][0]["mixer"]["in_proj"]["kernel"].spec)  # ("embed", "mlp")
 
   assert in_proj_spec(config.mesh.rules) == ("fsdp", None)
   tensor_parallel = (("embed", None), ("mlp", ("data", "fsdp")), ("heads", None), ("vocab", None))
