@@ -24,5 +24,7 @@ def get_config(arg=None):
   c.optim.decay = "cosine"
   c.train.update(batch_size=32, num_steps=1200, log_every=100, checkpoint_every=600)
   c.sample.update(sampler="ddim", steps=25, guidance_scale=2.0, num_images=16, batch_size=16)
-  c.eval.update(every=c.train.num_steps, num_samples=128)
+  # Scored once, at the end: eval.every follows train.num_steps (a derived reference, so setting
+  # eval.every itself leaves train.num_steps alone).
+  c.eval.update(every=c.train.get_ref("num_steps") * 1, num_samples=128)
   return common.apply_arg(c, arg)

@@ -47,3 +47,16 @@ def test_other_data_without_inception_write_only_grids(tmp_path, caplog):
     evaluator = evaluators.create(config)
   assert evaluator is None
   assert any("eval.inception_path" in r.getMessage() for r in caplog.records)
+
+
+def test_the_demo_is_scored_at_its_last_step_whatever_its_length():
+  from configs import demo
+
+  steps = demo.get_config().train.num_steps
+  longer = demo.get_config()
+  longer.train.num_steps = 3 * steps + 1
+  assert longer.eval.every == 3 * steps + 1
+  quiet = demo.get_config()
+  quiet.eval.every = 0  # set alone: the run's length stays
+  quiet.train.num_steps = steps + 7
+  assert (quiet.train.num_steps, quiet.eval.every) == (steps + 7, 0)
