@@ -254,15 +254,7 @@ def measure(steps: Steps, data: int, fsdp: int, batch: int, iters: int) -> Row:
   try:
     state = steps.initial_state(init_state, state_sharding)
     images = jax.device_put(train_step.random_batch(steps.config), batch_sharding)
-    state, metrics = compiled(state, images)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(iters):
-      t = time.perf_counter()
-      state, metrics = compiled(state, images)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t)
-    row.step_s = statistics.median(times)
+    row.step_s = train_step.median_step_seconds(compiled, state, images, iters)
   except Exception as e:  # out of memory and friends: report, do not stop the table
     row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}".replace("|", "/")
   after = _peaks(devices)

@@ -171,17 +171,23 @@ def time_step(steps: Steps, config, iters: int) -> dict:
       return row
     state = steps.initial_state(config, init_state, state_sharding)
     batch = jax.device_put(random_batch(config), batch_sharding)
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(iters):
-      t = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t)
+    step_s = median_step_seconds(compiled, state, batch, iters)
   except Exception as e:  # out of memory and friends: report, do not stop the table
     return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}".replace("|", "/"))
-  return dict(row, step_s=statistics.median(times))
+  return dict(row, step_s=step_s)
+
+
+def median_step_seconds(compiled, state, batch, iters: int) -> float:
+  """Median wall time of `iters` steps of the compiled train step, after one untimed step."""
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
 
 
 def step_header(peak: float) -> list[str]:
